@@ -1,0 +1,1 @@
+"""kiln's runtime: config, launch, loop, checkpoints, metrics and signals, shared by every stage."""

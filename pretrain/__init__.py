@@ -1,0 +1,1 @@
+"""Pretraining: decoder model, tokenizer, streamed corpora and the pretraining task."""

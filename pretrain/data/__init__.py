@@ -1,0 +1,1 @@
+"""Corpora: document sources, the built-in generated corpus, mixing, sharding and packing."""
