@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from launcher.errors import UserError
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 """Where presets (``configs/<section>/<name>.yaml``) and recipes live."""
 
@@ -36,7 +38,7 @@ class Problem:
         return f"{prefix}{self.key or '<root>'}: {self.message}"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """Every problem found in a config, reported together."""
 
     def __init__(self, problems: list[Problem], source: str = ""):
