@@ -221,6 +221,26 @@ def _section_problems(obj: BaseModel, prefix: str = "") -> Iterator[tuple[str, s
             yield f"{prefix}{key}", message
 
 
+def _problems_of_valid_sections(
+    schema: type[BaseModel], tree: dict, origins: Origins
+) -> list[Problem]:
+    """When the whole config is invalid, still report the cross-field problems of every
+    section that is valid on its own (cross-section checks need the whole config)."""
+    problems = []
+    for name, field in schema.model_fields.items():
+        section = model_class(field.annotation)
+        if section is None or not isinstance(tree.get(name, {}), dict):
+            continue
+        try:
+            valid = section.model_validate(tree.get(name, {}))
+        except ValidationError:
+            continue
+        problems += [
+            Problem(k, m, _where(origins, k)) for k, m in _section_problems(valid, f"{name}.")
+        ]
+    return problems
+
+
 def load_config(
     schema: type[S],
     path: str | Path | None = None,
@@ -237,6 +257,7 @@ def load_config(
         config = schema.model_validate(tree)
     except ValidationError as exc:
         problems += _validation_problems(exc, schema, tree, origins)
+        problems += _problems_of_valid_sections(schema, tree, origins)
         raise ConfigError(problems, source) from None
     problems += [Problem(k, m, _where(origins, k)) for k, m in _section_problems(config)]
     if problems:

@@ -166,16 +166,16 @@ def _merge(
 
 
 def _find_file(ref: str, relative_to: Path | None, section: str = "") -> Path | None:
-    candidates = []
-    ref_path = Path(ref)
-    names = [ref_path] if ref_path.suffix in (".yaml", ".yml") else [ref_path.with_suffix(".yaml")]
-    for name in names:
-        if relative_to is not None:
-            candidates.append(relative_to / name)
-        if section:
-            candidates.append(CONFIG_ROOT / section / name)
-        candidates.append(CONFIG_ROOT / name)
-        candidates.append(name)
+    """Where a reference points: a bare name in a section is ``configs/<section>/<name>.yaml``;
+    a path (with a slash or a .yaml suffix) is looked up beside the referring file, then under
+    ``configs/``, then from the working directory."""
+    is_path = ref.endswith((".yaml", ".yml")) or "/" in ref
+    if section and not is_path:
+        candidates = [CONFIG_ROOT / section / f"{ref}.yaml"]
+    else:
+        name = Path(ref if is_path else f"{ref}.yaml")
+        candidates = [relative_to / name] if relative_to is not None else []
+        candidates += [CONFIG_ROOT / name, name]
     return next((c for c in candidates if c.is_file()), None)
 
 

@@ -1,0 +1,46 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# torch goes in first, chosen for this machine: a bare `pip install torch` (or any package
+# that depends on it) pulls a 5 GB CUDA build, useless where there is no GPU.
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+TORCH_INSTALL = $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" \
+	|| $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu
+else
+TORCH_INSTALL = $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+endif
+
+.PHONY: setup demo test test-fast lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || { $(TORCH_INSTALL); }
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+# The main job on the built-in default: no data, no GPU.
+demo: setup
+	$(BIN)/python -m launcher prepare configs/pretrain/demo.yaml
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Everything CI runs: lint, then every test (slow and multi-process ones included).
+test: lint
+	$(BIN)/python -m pytest
+
+# Unit tests only, for the edit-run loop.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not distributed"
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache .ruff_cache *.egg-info

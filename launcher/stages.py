@@ -1,0 +1,41 @@
+"""Stages (pretrain, sft, ...) plug into the launcher as entry points in group ``kiln.stages``.
+
+A stage is a name, the config class it reads and a function that runs it. The launcher looks
+stages up by name, so it never imports one it is not asked to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from launcher.config import RunConfig
+
+GROUP = "kiln.stages"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config_class: type[RunConfig]
+    run: Callable[[Any], Any]
+    """Called with the validated config in every process of the job."""
+    help: str = ""
+
+
+def stage_names() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=GROUP))
+
+
+def find_stage(name: str) -> Stage:
+    """The stage registered under ``name``; ``KeyError`` lists the ones that exist."""
+    for ep in entry_points(group=GROUP):
+        if ep.name == name:
+            stage = ep.load()
+            if not isinstance(stage, Stage):
+                raise TypeError(f"entry point {ep.value} is not a launcher.stages.Stage")
+            return stage
+    known = ", ".join(stage_names()) or "none (is the package installed? run `make setup`)"
+    raise KeyError(f"unknown stage '{name}'; stages: {known}")

@@ -1,0 +1,122 @@
+"""The `prepare` stage: everything a pretraining run needs before its first step.
+
+It writes the resolved config into the run directory, generates the built-in corpus when
+asked, trains (or loads) the tokenizer on a sample of the corpus, and builds the model,
+saving the initial weights with the tokenizer as a plain HF directory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.config import save_config
+from launcher.stages import Stage
+from pretrain.config import PretrainConfig
+from pretrain.data.builtin import CorpusInfo, write_builtin_corpus
+from pretrain.data.sources import sample_texts
+from pretrain.model import build_model, describe, param_count
+from pretrain.tokenizer import (
+    TextTokenizer,
+    TokenizerError,
+    roundtrip_failures,
+    train_tokenizer,
+)
+
+
+@dataclass
+class Prepared:
+    run_dir: Path
+    config_path: Path
+    corpus: CorpusInfo | None
+    tokenizer: TextTokenizer
+    tokenizer_dir: Path
+    model_dir: Path
+    params: int
+
+
+def load_or_train_tokenizer(cfg: PretrainConfig) -> tuple[TextTokenizer, str]:
+    """The run's tokenizer, saved under ``<run_dir>/tokenizer``, and a line describing it."""
+    out = cfg.run_dir / "tokenizer"
+    tcfg = cfg.tokenizer
+    if tcfg.path is not None:
+        tok = TextTokenizer.load(
+            tcfg.path, eos_token=tcfg.eos_token, bos_token=tcfg.bos_token, pad_token=tcfg.pad_token
+        )
+        tok.save(out, model_max_length=cfg.model.max_seq_len)
+        return tok, f"loaded {tcfg.path} ({tok.vocab_size} tokens)"
+    texts = sample_texts(cfg.data.all_sources(), tcfg.sample_docs, tcfg.sample_bytes, cfg.run.seed)
+    trained = train_tokenizer(tcfg, texts, out)
+    how = "reused" if trained.reused else f"trained in {trained.seconds:.1f}s"
+    return trained.tokenizer, (
+        f"sentencepiece BPE, {trained.tokenizer.vocab_size} tokens, {how} on "
+        f"{trained.docs} documents ({trained.text_bytes / 1e6:.1f} MB)"
+    )
+
+
+def prepare(cfg: PretrainConfig) -> Prepared:
+    """Run the stage; print what was made and where. Raises on unusable data or tokenizer."""
+    start = time.perf_counter()
+    run_dir = cfg.run_dir
+    config_path = save_config(cfg, run_dir)
+    print(f"[kiln] run directory   {run_dir}/")
+    print(f"[kiln] resolved config {config_path}")
+
+    corpus = None
+    if cfg.data.builtin is not None:
+        corpus = write_builtin_corpus(cfg.data.builtin)
+        how = "reused" if corpus.reused else f"generated in {corpus.seconds:.1f}s"
+        print(
+            f"[kiln] corpus          {corpus.dir}/ ({len(corpus.files)} jsonl.gz shards, "
+            f"{corpus.docs} documents, {corpus.text_bytes / 1e6:.1f} MB of text, {how})"
+        )
+
+    tokenizer, how = load_or_train_tokenizer(cfg)
+    sample = list(sample_texts(cfg.data.all_sources(), 200, 2_000_000, cfg.run.seed + 1))
+    bad = roundtrip_failures(tokenizer, sample)
+    n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(sample))
+    n_bytes = sum(len(t.encode("utf-8")) for t in sample)
+    print(f"[kiln] tokenizer       {run_dir / 'tokenizer'}/ ({how})")
+    print(
+        f"[kiln]                 {n_bytes / max(n_tokens, 1):.2f} bytes/token; lossless on "
+        f"{len(sample) - len(bad)}/{len(sample)} sampled documents"
+    )
+    if bad:
+        print(f"[kiln] WARNING: {tokenizer.source} is lossy on {len(bad)} sampled documents")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise TokenizerError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
+        )
+
+    model = build_model(
+        cfg.model,
+        seed=cfg.run.seed,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    model_dir = run_dir / "model-init"
+    model.save_pretrained(model_dir)
+    tokenizer.save(model_dir, model_max_length=cfg.model.max_seq_len)
+    print(f"[kiln] model           {model_dir}/ (initial weights + tokenizer, HF format)")
+    print(f"[kiln]                 {describe(cfg.model, cfg.data.seq_len)}")
+    print(f"[kiln] prepared in {time.perf_counter() - start:.1f}s")
+    return Prepared(
+        run_dir=run_dir,
+        config_path=config_path,
+        corpus=corpus,
+        tokenizer=tokenizer,
+        tokenizer_dir=run_dir / "tokenizer",
+        model_dir=model_dir,
+        params=param_count(cfg.model),
+    )
+
+
+STAGE = Stage(
+    name="prepare",
+    config_class=PretrainConfig,
+    run=prepare,
+    help="generate/sample the corpus, train the tokenizer, build the model",
+)

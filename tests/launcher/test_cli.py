@@ -1,0 +1,112 @@
+"""`python -m launcher STAGE CONFIG [overrides]`: validation first, clear errors, real outputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from launcher.cli import main
+from launcher.config import CONFIG_ROOT, load_config
+from pretrain.config import PretrainConfig
+
+TINY = str(CONFIG_ROOT / "pretrain" / "tiny.yaml")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_bad_config_exits_2_naming_every_key_before_anything_is_written(in_tmp, capsys):
+    code = main(["prepare", TINY, "model.n_heads=5", "train.max_stepz=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "3 problems" in err
+    assert "model.n_heads" in err and "train.max_stepz" in err
+    assert "configs/model/tiny.yaml:6: model.n_kv_heads: n_kv_heads (2) must divide" in err
+    assert not (in_tmp / "runs").exists() and not (in_tmp / "data").exists()
+
+
+def test_nproc_and_nodes_set_the_world_size_that_is_validated(in_tmp, capsys):
+    assert main(["prepare", TINY, "--nproc", "3", "--nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.global_batch_size: 8 is not divisible" in err and "world size (6)" in err
+    assert main(["prepare", TINY, "--nproc", "2", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["dist"]["num_processes"] == 2
+
+
+def test_unknown_stage_lists_the_known_ones(capsys):
+    assert main(["pretrian", TINY]) == 2
+    assert "unknown stage 'pretrian'; stages: prepare" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_resolved_config_and_writes_nothing(in_tmp, capsys):
+    assert main(["prepare", TINY, "optim.lr=5e-4", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["optim"]["lr"] == 5e-4
+    assert yaml.safe_load(out)["model"]["d_model"] == 128  # the tiny preset, expanded
+    (in_tmp / "resolved.yaml").write_text(out)
+    assert load_config(PretrainConfig, in_tmp / "resolved.yaml") == load_config(
+        PretrainConfig, TINY, ["optim.lr=5e-4"]
+    )
+    assert not (in_tmp / "runs").exists()
+
+
+def test_missing_corpus_files_exit_1_naming_the_config_key(in_tmp, capsys):
+    code = main(["prepare", TINY, "data.builtin=null", "data.sources=[{paths: [nowhere/*.jsonl]}]"])
+    assert code == 1
+    assert "data.sources.paths.0: 'nowhere/*.jsonl' matches no file" in capsys.readouterr().err
+
+
+def test_corrupt_corpus_line_exits_1_naming_file_and_line(in_tmp, capsys):
+    good = json.dumps({"text": "a fine document " * 50})
+    with gzip.open(in_tmp / "bad.jsonl.gz", "wt") as f:
+        f.write(f"{good}\n{good}\n{{not json\n")
+    code = main(["prepare", TINY, "data.builtin=null", "data.sources=[{paths: [bad.jsonl.gz]}]"])
+    assert code == 1
+    assert "bad.jsonl.gz:3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_prepare_makes_corpus_tokenizer_and_a_loadable_hf_model(in_tmp, capsys):
+    assert main(["prepare", TINY, "run.name=e2e"]) == 0
+    out = capsys.readouterr().out
+    run = in_tmp / "runs" / "e2e"
+    for line in ("runs/e2e/config.yaml", "data/builtin-tiny/", "runs/e2e/model-init/"):
+        assert line in out
+    assert load_config(PretrainConfig, run / "config.yaml").run.name == "e2e"
+    manifest = json.loads((in_tmp / "data" / "builtin-tiny" / "manifest.json").read_text())
+    assert manifest["docs"] == 600
+
+    model = AutoModelForCausalLM.from_pretrained(run / "model-init")
+    tok = AutoTokenizer.from_pretrained(run / "model-init")
+    assert sum(p.numel() for p in model.parameters()) == 1_000_576
+    assert model.config._attn_implementation == "sdpa"
+    assert (len(tok), tok.eos_token_id, model.config.eos_token_id) == (2048, 2, 2)
+    text = "The river that runs through the town is 42 miles long."
+    assert tok.decode(tok.encode(text)) == text
+
+    # Re-running the same command reuses the corpus and the tokenizer.
+    assert main(["prepare", TINY, "run.name=e2e"]) == 0
+    out = capsys.readouterr().out
+    assert "shards, 600 documents" in out and out.count("reused") == 2
+
+
+@pytest.mark.slow
+def test_module_entry_point_and_console_script_validate_before_running(in_tmp):
+    kiln = Path(sys.executable).with_name("kiln")
+    for cmd in ([sys.executable, "-m", "launcher"], [str(kiln)]):
+        done = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "stages: prepare" in done.stdout
+        done = subprocess.run(
+            [*cmd, "prepare", TINY, "model.n_heads=5"], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2 and "model.n_heads" in done.stderr
