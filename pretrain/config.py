@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from launcher.config import RunConfig
-from pretrain.data.sources import DataConfig
+from pretrain.data.config import DataConfig
 from pretrain.model import ModelConfig
 from pretrain.tokenizer import TokenizerConfig
 

@@ -46,7 +46,14 @@ def load_or_train_tokenizer(cfg: PretrainConfig) -> tuple[TextTokenizer, str]:
         )
         tok.save(out, model_max_length=cfg.model.max_seq_len)
         return tok, f"loaded {tcfg.path} ({tok.vocab_size} tokens)"
-    texts = sample_texts(cfg.data.all_sources(), tcfg.sample_docs, tcfg.sample_bytes, cfg.run.seed)
+    texts = sample_texts(
+        cfg.data.all_sources(),
+        tcfg.sample_docs,
+        tcfg.sample_bytes,
+        cfg.run.seed,
+        holdout=cfg.data.validation.fraction,  # the tokenizer never sees validation text
+        on_error=cfg.data.on_error,
+    )
     trained = train_tokenizer(tcfg, texts, out)
     how = "reused" if trained.reused else f"trained in {trained.seconds:.1f}s"
     return trained.tokenizer, (

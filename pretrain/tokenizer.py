@@ -94,6 +94,11 @@ class TextTokenizer:
                 raise TokenizerError(f"{source}: {role} token {token!r} is not in the vocabulary")
         self._extra_config = extra_config or {}
 
+    def __setstate__(self, state: dict) -> None:
+        # Pickling (e.g. into DataLoader workers) drops the Rust-side flag; set it again.
+        self.__dict__.update(state)
+        self.backend.encode_special_tokens = True
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

@@ -1,20 +1,21 @@
 """Read documents from one corpus file: JSON lines (plain, gzip, zstd) or parquet.
 
-``read_documents`` opens local paths and fsspec URLs alike and yields ``Document``s, decoding
-UTF-8 strictly. Every problem raises ``CorpusError`` whose message names the file and, where it
-applies, the line (or parquet row); the error also carries ``.file``, ``.line`` and ``.kind``.
-
-Problems with one record (``RECORD_ERRORS``: bad JSON, bad UTF-8, a missing or non-string
-text field) are separated from problems with the whole file (missing, truncated, unreadable,
-no text column): ``iter_records`` yields the former as ``CorpusError`` values instead of raising
-them, so a caller can skip and count bad records while still stopping on a broken file.
+``scan`` is the one reader (``read_documents`` and ``iter_records`` are built on it): it opens
+local paths and fsspec URLs, decodes UTF-8 strictly and yields each record with the position
+after it, a dict of ints that, passed back as ``start``, resumes in O(1): plain JSON lines seek
+to the line, gzip/zstd restart at the member (frame) holding it, parquet at its row group.
+With ``stripes``, record ``i`` (0-based line or row) goes to stripe ``i % stripes``; the lines
+of other stripes are split off but never decoded. Problems with one record (``RECORD_ERRORS``)
+are yielded as ``CorpusError`` values, so a caller can count and skip them; problems with the
+whole file (missing, truncated, unreadable, no text column) raise after everything good before
+them. Messages name the file and, where known, the line (row): see ``.file``/``.line``/``.kind``.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -30,15 +31,32 @@ __all__ = [
     "detect_format",
     "iter_records",
     "read_documents",
+    "scan",
 ]
 
 FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 
-RECORD_ERRORS = frozenset({"invalid_json", "invalid_utf8", "missing_text"})
+RECORD_ERRORS = frozenset(
+    {"invalid_json", "invalid_utf8", "missing_text", "empty_text", "too_long"}
+)
 """Kinds of ``CorpusError`` that concern one record; the rest of the file is still readable."""
 
+POSITION_KEYS = {
+    "jsonl": ("line", "offset"),
+    "jsonl.gz": ("line", "member", "skip"),
+    "jsonl.zst": ("line", "member", "skip"),
+    "parquet": ("row",),
+}
+"""The keys of a position per format: ``line``/``row`` is the 0-based index of the next record,
+``offset`` its byte offset, ``member`` the compressed offset where the gzip member or zstd frame
+holding it starts and ``skip`` the decompressed bytes of that member before it."""
+
+STATS = ("read_bytes", "decoded_bytes", "parsed_records")
+
 _CHUNK = 1 << 20
-_PARQUET_BATCH = 1024
+"""Bytes read from a file at a time."""
+_OUT = 256 << 10
+"""Most gzip output at a time (zstd gives at most one 128 KiB block at a time)."""
 
 
 class CorpusError(UserError):
@@ -95,12 +113,13 @@ def read_documents(
     """The documents of one file, in order; raises ``CorpusError`` on the first problem.
 
     ``path`` is a local path or an fsspec URL; ``format`` is ``auto`` (from the suffix) or one
-    of ``FORMATS``. Empty lines are skipped.
+    of ``FORMATS``. Empty lines and documents whose text is empty or blank are skipped.
     """
     for record in iter_records(path, text_field=text_field, format=format, id_field=id_field):
-        if isinstance(record, CorpusError):
+        if isinstance(record, Document):
+            yield record
+        elif record.kind != "empty_text":
             raise record
-        yield record
 
 
 def iter_records(
@@ -110,6 +129,30 @@ def iter_records(
 
     Whole-file problems (missing, truncated or unreadable file, no text column) still raise.
     """
+    for item, _ in scan(path, format=format, text_field=text_field, id_field=id_field):
+        yield item
+
+
+def scan(
+    path: str,
+    *,
+    format: str = "auto",
+    text_field: str = "text",
+    id_field: str = "id",
+    start: dict | None = None,
+    stripe: int = 0,
+    stripes: int = 1,
+    max_bytes: int | None = None,
+    stats: dict[str, int] | None = None,
+) -> Iterator[tuple[Document | CorpusError, dict]]:
+    """``(document or record-level error, position right after it)`` for each record of a stripe.
+
+    ``start`` is a position yielded by an earlier scan of the same file with the same format and
+    striping (``None``: the beginning); the scan goes on with the next record of the stripe. A
+    position after the last record resumes to nothing. Records longer than ``max_bytes`` bytes
+    are ``too_long`` errors and never held whole in memory. ``stats`` (``STATS`` keys) is
+    incremented in place: compressed bytes read, bytes decoded, records parsed.
+    """
     fmt = detect_format(path) if format == "auto" else format
     if fmt not in FORMATS:
         raise CorpusError(
@@ -117,221 +160,306 @@ def iter_records(
             file=path,
             kind="unknown_format",
         )
+    if not 0 <= stripe < stripes:
+        raise ValueError(f"stripe {stripe} of {stripes}: need 0 <= stripe < stripes")
+    keys = POSITION_KEYS[fmt]
+    if start is not None and (
+        set(start) != set(keys) or not all(type(start[k]) is int and start[k] >= 0 for k in keys)
+    ):
+        raise ValueError(f"{path}: {start!r} is not a {fmt} position (keys: {', '.join(keys)})")
+    at = [0] * len(keys) if start is None else [start[k] for k in keys]
+    stats = {} if stats is None else stats
+    for key in STATS:  # setdefault, not update: a Counter's update() adds
+        stats.setdefault(key, 0)
     try:
-        opened = fsspec.open(path, "rb")
+        opened = fsspec.open(path, "rb")  # kept referenced while ``f`` is in use
         f = opened.open()
     except FileNotFoundError:
         raise CorpusError("no such file", file=path, kind="missing_file") from None
     except OSError as exc:
         raise CorpusError(f"cannot open: {exc}", file=path, kind="unreadable") from None
     try:
+        counted = _Counted(f, stats)
         if fmt == "parquet":
-            yield from _parquet_records(f, path, text_field, id_field)
+            from pretrain.data.parquet import scan_parquet
+
+            yield from scan_parquet(
+                counted, path, text_field, id_field, at[0], stripe, stripes, max_bytes, stats
+            )
         else:
-            yield from _json_records(_lines(f, fmt, path), path, text_field, id_field)
+            plain = fmt == "jsonl"
+            line, member, skip = (at[0], 0, at[1]) if plain else at
+            pieces = _pieces(counted, fmt, member, skip, stats)
+            for index, raw, size, (m, o) in _lines(pieces, path, line, stripe, stripes, max_bytes):
+                after = {
+                    "line": index + 1,
+                    **({"offset": o} if plain else {"member": m, "skip": o}),
+                }
+                if raw is None:
+                    message = f"the record is {size} bytes, over the limit of {max_bytes}"
+                    yield _bad(path, index + 1, "too_long", message), after
+                elif item := _json_record(raw, index, path, text_field, id_field, stats):
+                    yield item, after
     finally:
         f.close()
+
+
+class _Counted:
+    """A file whose reads are added to ``stats["read_bytes"]``."""
+
+    def __init__(self, f: IO[bytes], stats: dict[str, int]):
+        self._f, self._stats = f, stats
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._stats["read_bytes"] += len(data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _bad(path: str, line: int, kind: str, message: str) -> CorpusError:
+    return CorpusError(message, file=path, line=line, kind=kind)
+
+
+def text_record(
+    text: Any, doc_id: Any, path: str, line: int, text_field: str, max_bytes: int | None
+) -> Document | CorpusError:
+    """The document of a record whose text field holds ``text``, or why there is none."""
+    if not isinstance(text, str):
+        kind = "null" if text is None else type(text).__name__
+        return _bad(path, line, "missing_text", f"{text_field!r} is {kind}, not a string")
+    if not text.strip():
+        return _bad(path, line, "empty_text", f"{text_field!r} is empty or blank")
+    if max_bytes is not None and len(text) * 4 > max_bytes and len(text.encode()) > max_bytes:
+        size = len(text.encode())
+        return _bad(
+            path, line, "too_long", f"the text is {size} bytes, over the limit of {max_bytes}"
+        )
+    return Document(
+        text=text, id=f"{path}:{line}" if doc_id is None else str(doc_id), file=path, line=line
+    )
 
 
 # ---------------------------------------------------------------------------------- JSON lines
 
 
-def _chunks(f: IO[bytes], fmt: str, path: str, where: list[int]) -> Iterator[bytes]:
-    """Decompressed bytes of the file; ``where[0]`` is the line being read (for errors)."""
-    if fmt == "jsonl":
-        while chunk := f.read(_CHUNK):
-            yield chunk
-    elif fmt == "jsonl.gz":
-        yield from _decompressed(
-            f,
-            path,
-            where,
-            "gzip",
-            lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS),
-            zlib.error,
-        )
-    else:
-        import zstandard
+class _Broken(Exception):
+    """The byte stream cannot go on; ``_lines`` turns it into a ``CorpusError`` naming the line."""
 
-        dctx = zstandard.ZstdDecompressor()
-        yield from _decompressed(f, path, where, "zstd", dctx.decompressobj, zstandard.ZstdError)
+    def __init__(self, kind: str, what: str, detail: str):
+        super().__init__(what)
+        self.kind, self.what, self.detail = kind, what, detail
 
 
-def _decompressed(
-    f: IO[bytes],
-    path: str,
-    where: list[int],
-    codec: str,
-    new_stream: Callable[[], Any],
-    codec_error: type[Exception],
-) -> Iterator[bytes]:
-    """Decompress concatenated gzip members or zstd frames, noticing a truncated last one.
+def _pieces(
+    f: _Counted, fmt: str, member: int, skip: int, stats: dict[str, int]
+) -> Iterator[tuple[bytes, int, int]]:
+    """Decoded bytes as ``(data, member, offset)``: ``data`` is found ``offset`` decoded bytes
+    into the gzip member (zstd frame) starting at compressed byte ``member``, with
+    ``(b"", next member, 0)`` at the end of each; a plain file is one member at 0.
 
-    Decompression objects rather than ``gzip.GzipFile`` or zstandard's ``stream_reader``: the
-    former drops the bytes it decoded before finding the end missing (so the error cannot say
-    which line was cut), the latter returns a truncated frame as a clean end of file.
+    Starts at byte ``skip`` of ``member``; the bytes before it are decoded but not yielded.
     """
-    stream = None
+    codec = {"jsonl": "plain", "jsonl.gz": "gzip", "jsonl.zst": "zstd"}[fmt]
+    errors: tuple[type[Exception], ...] = (zlib.error,)
     try:
-        while data := f.read(_CHUNK):
-            while data:
-                if stream is None:
-                    if not data.strip(b"\0"):  # zero padding after the last member
-                        break
-                    stream = new_stream()
-                out = stream.decompress(data)
-                if out:
-                    yield out
-                data = b""
-                if stream.eof:  # member done; the rest of the input starts the next one
-                    data, stream = stream.unused_data, None
-    except codec_error as exc:
-        raise CorpusError(
-            f"corrupt {codec} data at line {where[0]}: {exc}",
-            file=path,
-            line=where[0],
-            kind="unreadable",
-        ) from None
+        if codec == "plain":
+            if skip:
+                f.seek(skip)
+            offset = skip
+            while data := f.read(_CHUNK):
+                stats["decoded_bytes"] += len(data)
+                yield data, 0, offset
+                offset += len(data)
+            return
+        if member:
+            f.seek(member)
+        if codec == "gzip":
+            decoded = _gunzip(f, member)
+        else:
+            import zstandard
+
+            errors = (zstandard.ZstdError,)
+            decoded = _unzstd(f, member, zstandard.ZstdDecompressor())
+        offset = 0
+        for out, m in decoded:
+            if out is None:  # the member ended; ``m`` is where the next one starts
+                yield b"", m, 0
+                offset = 0
+                continue
+            stats["decoded_bytes"] += len(out)
+            if skip:
+                cut = min(skip, len(out))
+                out, skip, offset = out[cut:], skip - cut, offset + cut
+            if out:
+                yield out, m, offset
+                offset += len(out)
+    except errors as exc:
+        raise _Broken("unreadable", f"corrupt {codec} data", f": {exc}") from None
+    except OSError as exc:
+        raise _Broken("unreadable", "cannot read", f": {exc}") from None
+
+
+def _gunzip(f: _Counted, here: int) -> Iterator[tuple[bytes | None, int]]:
+    """``(output, member start)`` of concatenated gzip members, ``(None, next start)`` after
+    each. At most ``_OUT`` bytes of output at a time, however well the data compresses.
+
+    A decompression object rather than ``gzip.GzipFile``: the latter drops the bytes it decoded
+    before finding the end missing (so the error could not say which line was cut).
+    """
+    stream, member, data, more = None, here, b"", False
+    while True:
+        if not data and not more:
+            data = f.read(_CHUNK)
+            if not data:
+                break
+        if stream is None:
+            if not data.strip(b"\0"):  # zero padding after the last member
+                here, data = here + len(data), b""
+                continue
+            stream, member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS), here
+        out = stream.decompress(data, _OUT)
+        rest = stream.unused_data if stream.eof else stream.unconsumed_tail
+        here, data = here + len(data) - len(rest), rest
+        more = len(out) == _OUT and not stream.eof  # zlib may hold more output back
+        if out:
+            yield out, member
+        if stream.eof:
+            stream = None
+            yield None, here
     if stream is not None:
-        raise CorpusError(
-            f"{codec} stream ends early at line {where[0]} (truncated file?)",
-            file=path,
-            line=where[0],
-            kind="truncated",
-        )
+        raise _Broken("truncated", "gzip stream ends early", " (truncated file?)")
 
 
-def _lines(f: IO[bytes], fmt: str, path: str) -> Iterator[tuple[int, bytes]]:
-    """``(line number, raw line without the newline)`` for every line of the file."""
-    where = [1]
-    pending: list[bytes] = []  # the start of a line that spans chunks
-    for chunk in _chunks(f, fmt, path, where):
-        if b"\n" not in chunk:
-            pending.append(chunk)
+def _unzstd(f: _Counted, here: int, dctx: Any) -> Iterator[tuple[bytes | None, int]]:
+    """Like ``_gunzip`` for zstd frames, fed one block (at most 128 KiB of output) at a time.
+
+    The frame layout is read here because zstandard's decompression object has no output
+    limit and its ``stream_reader`` returns a truncated frame as a clean end of file.
+    """
+
+    def take(n: int) -> bytes:
+        data = f.read(n)
+        if len(data) < n:
+            raise _Broken("truncated", "zstd stream ends early", " (truncated file?)")
+        return data
+
+    while head := f.read(4):
+        member = here
+        if len(head) == 4 and head[0] & 0xF0 == 0x50 and head[1:] == b"\x2a\x4d\x18":
+            size = int.from_bytes(take(4), "little")  # a skippable frame
+            here += 8 + size
+            while size:
+                size -= len(take(min(size, _CHUNK)))
             continue
-        parts = chunk.split(b"\n")
-        if pending:
-            parts[0] = b"".join([*pending, parts[0]])
-        pending = [parts.pop()]
-        for part in parts:
-            yield where[0], part
-            where[0] += 1
-    rest = b"".join(pending)
-    if rest:
-        yield where[0], rest
+        if head != b"\x28\xb5\x2f\xfd":
+            if not head.strip(b"\0") and not any(
+                c.strip(b"\0") for c in iter(lambda: f.read(_CHUNK), b"")
+            ):
+                return  # zero padding after the last frame
+            raise _Broken("unreadable", "corrupt zstd data", ": not a zstd frame")
+        descriptor = take(1)
+        flags = descriptor[0]
+        single = flags >> 5 & 1
+        size = (not single) + (0, 1, 2, 4)[flags & 3] + (single, 2, 4, 8)[flags >> 6]
+        unit, last, stream = head + descriptor + take(size), False, dctx.decompressobj()
+        while True:
+            out = stream.decompress(unit)
+            here += len(unit)
+            if out:
+                yield out, member
+            if last:
+                break
+            block = take(3)
+            header = int.from_bytes(block, "little")
+            last = bool(header & 1)
+            unit = block + take(1 if header >> 1 & 3 == 1 else header >> 3)
+            if last and flags & 4:
+                unit += take(4)  # content checksum
+        yield None, here
 
 
-def _json_records(
-    lines: Iterator[tuple[int, bytes]], path: str, text_field: str, id_field: str
-) -> Iterator[Document | CorpusError]:
-    for line, raw in lines:
-        if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # UTF-8 byte order mark
-        if not raw.strip():
-            continue
-        try:
-            decoded = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield CorpusError(
-                f"invalid UTF-8 at byte {exc.start} of the line",
-                file=path,
-                line=line,
-                kind="invalid_utf8",
-            )
-            continue
-        try:
-            record = json.loads(decoded)
-        except json.JSONDecodeError as exc:
-            yield CorpusError(
-                f"invalid JSON: {exc.msg} (column {exc.colno})",
-                file=path,
-                line=line,
-                kind="invalid_json",
-            )
-            continue
-        if not isinstance(record, dict):
-            yield CorpusError(
-                f"expected a JSON object, got {type(record).__name__}",
-                file=path,
-                line=line,
-                kind="invalid_json",
-            )
-            continue
-        text = record.get(text_field)
-        if not isinstance(text, str):
-            problem = (
-                f"no {text_field!r} field"
-                if text_field not in record
-                else f"{text_field!r} is {type(text).__name__}, not a string"
-            )
-            yield CorpusError(
-                f"{problem} (keys: {', '.join(list(record)[:8])})",
-                file=path,
-                line=line,
-                kind="missing_text",
-            )
-            continue
-        doc_id = record.get(id_field)
-        yield Document(
-            text=text,
-            id=f"{path}:{line}" if doc_id is None else str(doc_id),
-            file=path,
-            line=line,
-        )
+def _lines(
+    pieces: Iterator[tuple[bytes, int, int]],
+    path: str,
+    index: int,
+    stripe: int,
+    stripes: int,
+    max_bytes: int | None,
+) -> Iterator[tuple[int, bytes | None, int, tuple[int, int]]]:
+    """``(line index, raw line or None when too long, its size, (member, offset) after it)``
+    for the stripe's lines, starting with line ``index``; other lines are only counted.
 
-
-# ------------------------------------------------------------------------------------ parquet
-
-
-def _parquet_records(
-    f: IO[bytes], path: str, text_field: str, id_field: str
-) -> Iterator[Document | CorpusError]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    A line that ends a piece waits for the next piece, whose start (maybe a new member) is
+    the cheapest place to resume. At most ``max_bytes`` of a line are held.
+    """
+    limit = 1 << 62 if max_bytes is None else max_bytes
+    mine = index % stripes == stripe
+    parts: list[bytes] = []  # the current line, while it is mine and within the limit
+    size = 0
+    held: tuple[int, bytes | None, int] | None = None
+    end = (0, 0)
     try:
-        pf = pq.ParquetFile(f)
-    except (pa.ArrowException, OSError) as exc:
+        for data, m, o in pieces:
+            if held is not None:
+                yield *held, (m, o)
+                held = None
+            end = (m, o + len(data))
+            begin = 0
+            while (nl := data.find(b"\n", begin)) >= 0:
+                if mine:
+                    size += nl - begin
+                    raw = b"".join([*parts, data[begin:nl]]) if size <= limit else None
+                    if nl + 1 < len(data):
+                        yield index, raw, size, (m, o + nl + 1)
+                    else:
+                        held = (index, raw, size)
+                parts, size, begin = [], 0, nl + 1
+                index += 1
+                mine = index % stripes == stripe
+            if begin < len(data):
+                size += len(data) - begin
+                if mine and size <= limit:
+                    parts.append(data[begin:])
+                else:
+                    parts = []
+    except _Broken as exc:
+        if held is not None:
+            yield *held, end
+        line = index + 1
         raise CorpusError(
-            f"not a readable parquet file: {exc}", file=path, kind="unreadable"
+            f"{exc.what} at line {line}{exc.detail}", file=path, line=line, kind=exc.kind
         ) from None
-    schema = pf.schema_arrow
-    if text_field not in schema.names:
-        raise CorpusError(
-            f"no {text_field!r} column (columns: {', '.join(schema.names[:12])})",
-            file=path,
-            kind="missing_column",
-        )
-    text_type = schema.field(text_field).type
-    is_view = getattr(pa.types, "is_string_view", lambda _: False)
-    if not (
-        pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or is_view(text_type)
-    ):
-        raise CorpusError(
-            f"column {text_field!r} holds {text_type}, not strings",
-            file=path,
-            kind="missing_column",
-        )
-    columns = [text_field] + ([id_field] if id_field in schema.names else [])
-    row = 0
+    if held is not None:
+        yield *held, end
+    if size and mine:  # a last line without a newline
+        yield index, b"".join(parts) if size <= limit else None, size, end
+
+
+def _json_record(
+    raw: bytes, index: int, path: str, text_field: str, id_field: str, stats: dict[str, int]
+) -> Document | CorpusError | None:
+    """The document on one line, why there is none, or ``None`` for an empty line."""
+    line = index + 1
+    if index == 0 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # UTF-8 byte order mark
+    if not raw.strip():
+        return None
     try:
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
-            texts = batch.column(0).to_pylist()
-            ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
-            for text, doc_id in zip(texts, ids, strict=True):
-                row += 1
-                if text is None:
-                    yield CorpusError(
-                        f"{text_field!r} is null", file=path, line=row, kind="missing_text"
-                    )
-                    continue
-                yield Document(
-                    text=text,
-                    id=f"{path}:{row}" if doc_id is None else str(doc_id),
-                    file=path,
-                    line=row,
-                )
-    except (pa.ArrowException, OSError) as exc:
-        raise CorpusError(
-            f"cannot read row {row + 1}: {exc}", file=path, line=row + 1, kind="unreadable"
-        ) from None
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _bad(path, line, "invalid_utf8", f"invalid UTF-8 at byte {exc.start} of the line")
+    stats["parsed_records"] += 1
+    try:
+        record = json.loads(decoded)
+    except json.JSONDecodeError as exc:
+        return _bad(path, line, "invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
+    if not isinstance(record, dict):
+        message = f"expected a JSON object, got {type(record).__name__}"
+        return _bad(path, line, "invalid_json", message)
+    if text_field not in record:
+        keys = ", ".join(list(record)[:8])
+        return _bad(path, line, "missing_text", f"no {text_field!r} field (keys: {keys})")
+    return text_record(record[text_field], record.get(id_field), path, line, text_field, None)

@@ -63,16 +63,17 @@ def test_print_config_shows_the_resolved_config_and_writes_nothing(in_tmp, capsy
 def test_missing_corpus_files_exit_1_naming_the_config_key(in_tmp, capsys):
     code = main(["prepare", TINY, "data.builtin=null", "data.sources=[{paths: [nowhere/*.jsonl]}]"])
     assert code == 1
-    assert "data.sources.paths.0: 'nowhere/*.jsonl' matches no file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no files: data.sources.0.paths.0: 'nowhere/*.jsonl' matches no file" in err
 
 
 def test_corrupt_corpus_line_exits_1_naming_file_and_line(in_tmp, capsys):
     good = json.dumps({"text": "a fine document " * 50})
     with gzip.open(in_tmp / "bad.jsonl.gz", "wt") as f:
         f.write(f"{good}\n{good}\n{{not json\n")
-    code = main(["prepare", TINY, "data.builtin=null", "data.sources=[{paths: [bad.jsonl.gz]}]"])
-    assert code == 1
-    assert "bad.jsonl.gz:3" in capsys.readouterr().err
+    source = ["data.builtin=null", "data.sources=[{paths: [bad.jsonl.gz]}]"]
+    assert main(["prepare", TINY, *source, "data.on_error=raise"]) == 1
+    assert "bad.jsonl.gz:3: invalid JSON" in capsys.readouterr().err
 
 
 @pytest.mark.slow

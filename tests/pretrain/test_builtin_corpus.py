@@ -6,18 +6,22 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from pretrain.data import builtin
 from pretrain.data.builtin import (
     GENRES,
+    MEMBER_BYTES,
     BuiltinCorpusConfig,
     number_words,
     write_builtin_corpus,
 )
+from pretrain.data.documents import scan
 
 DOCS = 300
 
@@ -25,6 +29,18 @@ DOCS = 300
 def read_shard(path: Path) -> list[dict]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def members(path: Path) -> list[tuple[int, bytes, bytes]]:
+    """``(compressed offset, header, uncompressed bytes)`` of each gzip member of a file."""
+    data, at, out = path.read_bytes(), 0, []
+    while at < len(data):
+        stream = zlib.decompressobj(wbits=31)
+        content = stream.decompress(data[at:])
+        assert stream.eof
+        out.append((at, data[at : at + 10], content))
+        at = len(data) - len(stream.unused_data)
+    return out
 
 
 def make(tmp: Path, **kw) -> tuple[BuiltinCorpusConfig, object]:
@@ -50,13 +66,54 @@ def test_the_same_config_gives_byte_identical_shards(tmp_path):
     assert manifest_a["files"] == manifest_b["files"]
 
 
-def test_gzip_headers_carry_no_timestamp_or_file_name(tmp_path):
+def test_gzip_headers_carry_no_timestamp_or_file_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "MEMBER_BYTES", 30_000)
     _, info = make(tmp_path)
     for path in info.files:
-        head = path.read_bytes()[:10]
-        assert head[:2] == b"\x1f\x8b"
-        assert head[4:8] == b"\0\0\0\0", "mtime must be 0"
-        assert not head[3] & 0x08, "FNAME flag must be unset"
+        for _, head, _ in members(path):
+            assert head[:2] == b"\x1f\x8b"
+            assert head[4:8] == b"\0\0\0\0", "mtime must be 0"
+            assert not head[3] & 0x08, "FNAME flag must be unset"
+
+
+def test_shards_are_gzip_members_cut_between_lines_and_byte_identical(tmp_path, monkeypatch):
+    assert MEMBER_BYTES == 1 << 20
+    monkeypatch.setattr(builtin, "MEMBER_BYTES", 20_000)
+    _, a = make(tmp_path / "a")
+    _, b = make(tmp_path / "b")
+    for path, again in zip(a.files, b.files, strict=True):
+        assert path.read_bytes() == again.read_bytes()
+        parts = members(path)
+        assert len(parts) > 3
+        assert b"".join(c for _, _, c in parts) == gzip.decompress(path.read_bytes())
+        for _, _, content in parts:
+            assert content.endswith(b"\n")
+            assert len(content) <= 20_000 or content.count(b"\n") == 1
+
+
+@pytest.fixture(scope="module")
+def big_shard(tmp_path_factory) -> Path:
+    """One shard of about 2.5 MB of JSON lines, with the real member size."""
+    _, info = make(tmp_path_factory.mktemp("big"), docs=1700, shards=1)
+    return info.files[0]
+
+
+def test_a_resume_inside_a_shard_decodes_at_most_one_member(big_shard):
+    parts = members(big_shard)
+    assert len(parts) >= 2 and all(len(c) <= MEMBER_BYTES for _, _, c in parts)
+    positions = [pos for _, pos in scan(str(big_shard))]
+    assert len(positions) == 1700
+    # members end between lines, so the position after a member's last line is the next member
+    assert [p["member"] for p in positions if p["skip"] == 0] == [s for s, _, _ in parts[1:]] + [
+        big_shard.stat().st_size
+    ]
+    for i in (0, 900, 1650):
+        stats: dict[str, int] = {}
+        items = scan(str(big_shard), start=positions[i], stats=stats)
+        doc, _ = next(items)
+        items.close()
+        assert doc.id == f"builtin-0-{i + 1}"
+        assert stats["decoded_bytes"] <= MEMBER_BYTES
 
 
 def test_a_different_seed_gives_different_text(tmp_path, corpus):

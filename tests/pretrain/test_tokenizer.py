@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 
 import pytest
@@ -113,6 +114,11 @@ def test_special_token_strings_in_text_stay_text(trained):
     ids = tok.encode(text)
     assert not {tok.eos_id, tok.bos_id, tok.pad_id} & set(ids)
     assert tok.decode(ids) == text
+
+
+def test_special_token_strings_stay_text_after_pickling_into_a_worker(trained):
+    tok = pickle.loads(pickle.dumps(trained.tokenizer))
+    assert tok.eos_id not in tok.encode("a </s> b")
 
 
 def test_lossy_tokenizer_is_detected(shared_data):

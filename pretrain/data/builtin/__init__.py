@@ -17,7 +17,9 @@ Document lengths are log-normal (30 to 1500 words, about 1.5 KB on average).
 
 ``write_builtin_corpus`` writes ``shard-00000.jsonl.gz`` ... (one ``{"id", "text", "genre"}``
 object per line) and a ``manifest.json``; the same config always gives byte-identical files,
-and an existing corpus made from the same config is reused.
+and an existing corpus made from the same config is reused. Each shard is a concatenation of
+independent gzip members of at most ``MEMBER_BYTES`` of JSON lines (cut between lines), so
+a reader resuming inside a shard decodes one member, not the shard from its start.
 
 The package holds one concern per module: ``lexicon`` (word lists and word helpers),
 ``world`` (the seeded world), ``writer`` (the document being written), ``genres`` (one
@@ -65,7 +67,7 @@ __all__ = [
     "write_builtin_corpus",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the generated text changes, so that old corpora are regenerated."""
 
 GENRES = ("story", "encyclopedia", "arithmetic", "list", "dialogue")
@@ -74,6 +76,8 @@ _EXOTIC_RATE = 0.005
 """Share of documents that get one CJK or emoji sentence."""
 
 MANIFEST = "manifest.json"
+MEMBER_BYTES = 1 << 20
+"""Most uncompressed bytes in one gzip member of a shard (unless one line is longer)."""
 
 
 class BuiltinCorpusConfig(Section):
@@ -196,20 +200,20 @@ def write_builtin_corpus(cfg: BuiltinCorpusConfig) -> CorpusInfo:
         path = out / f"shard-{k:05d}.jsonl.gz"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         text_bytes = 0
-        with (
-            open(tmp, "wb") as raw,
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz,
-        ):
-            lines = []
+        with open(tmp, "wb") as raw:
+            block: list[bytes] = []  # the lines of the next gzip member
+            size = 0
             for i in indices:
                 genre, text = generate_document(world, cfg.seed, i)
                 text_bytes += len(text.encode("utf-8"))
                 record = {"id": f"builtin-{cfg.seed}-{i}", "text": text, "genre": genre}
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-                if len(lines) >= 256:
-                    gz.write("".join(lines).encode("utf-8"))
-                    lines = []
-            gz.write("".join(lines).encode("utf-8"))
+                line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+                if block and size + len(line) > MEMBER_BYTES:
+                    raw.write(gzip.compress(b"".join(block), compresslevel=6, mtime=0))
+                    block, size = [], 0
+                block.append(line)
+                size += len(line)
+            raw.write(gzip.compress(b"".join(block), compresslevel=6, mtime=0))
         tmp.replace(path)
         files.append(path)
         entries.append(

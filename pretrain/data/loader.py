@@ -1,0 +1,257 @@
+"""The training batches of one rank: DataLoader workers running readers, and their state.
+
+Each DataLoader worker runs one *reader* (``ReaderStream``); rank ``r`` with ``W`` workers owns
+readers ``r*W .. r*W+W-1`` of ``world_size * W``. A worker yields every batch together with
+its reader's state right after that batch, so the loader always knows the exact state of
+every reader as of the last batch the trainer took, with no replay and no cross-process
+requests. torch's DataLoader takes batches from workers in strict rotation; on resume the
+readers are handed to the workers rotated so that the reader whose turn was next goes first.
+
+``state_dict()`` is this rank's part (JSON-safe). ``load_state_dict()`` takes the parts of
+all ranks: with the same readers it continues token for token; with another number of ranks
+or workers the unfinished work is redistributed (``plan.redistribute``) so every remaining
+document of the epoch is read exactly once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from launcher.errors import UserError
+from pretrain.data.config import DataConfig
+from pretrain.data.plan import Layout, SourcePlan, redistribute
+from pretrain.data.sources import ResolvedCorpus
+from pretrain.data.stream import ReaderStream, fresh_state
+from pretrain.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+class DataStateError(UserError):
+    """A saved data state that cannot continue this run."""
+
+
+class _ReaderDataset(IterableDataset):
+    """Worker ``w`` runs the reader whose state is ``states[w]``."""
+
+    def __init__(self, corpus, cfg, tokenizer, seed, batch_size, states):
+        self.corpus, self.cfg, self.tokenizer = corpus, cfg, tokenizer
+        self.seed, self.batch_size, self.states = seed, batch_size, states
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        reader = ReaderStream(self.corpus, self.cfg, self.tokenizer, self.seed, self.states[worker])
+        for batch, state in reader.batches(self.batch_size):
+            tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+            yield {"batch": tensors, "state": state, "worker": worker}
+
+
+def _as_is(item):
+    return item  # batches are built by the readers; keep the state out of torch's collation
+
+
+class StreamLoader:
+    """Infinite iterator of training batches for one rank, with exact, elastic state."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: TextTokenizer,
+        corpus: ResolvedCorpus,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.cfg, self.tokenizer, self.corpus = cfg, tokenizer, corpus
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.workers = cfg.num_workers
+        per_rank = max(1, self.workers)
+        self.total_readers = world_size * per_rank
+        self.readers = list(range(rank * per_rank, (rank + 1) * per_rank))
+        n = len(corpus.sources)
+        self._states = {
+            g: fresh_state(Layout(g, self.total_readers), n, seed) for g in self.readers
+        }
+        self._next = 0  # position in self.readers of the reader whose batch comes next
+        self.emitted = np.zeros(n, dtype=np.int64)
+        self.batches = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = self.readers[self._next :] + self.readers[: self._next]
+        dataset = _ReaderDataset(
+            self.corpus,
+            self.cfg,
+            self.tokenizer,
+            self.seed,
+            self.batch_size,
+            [self._states[g] for g in order],
+        )
+        # Workers encode one document at a time; tokenizers' own thread pool would only
+        # contend with the trainer (and warns after a fork).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.workers,
+            collate_fn=_as_is,
+            prefetch_factor=4 if self.workers else None,
+        )
+        for item in loader:
+            g = order[item["worker"]]
+            self._states[g] = item["state"]
+            self._next = (self.readers.index(g) + 1) % len(self.readers)
+            batch = item["batch"]
+            self.emitted += batch.pop("source_tokens").numpy()
+            self.batches += 1
+            yield batch
+
+    # ---------------------------------------------------------------------------- metrics
+
+    def stats(self) -> dict[str, float]:
+        """Counters of this rank: skipped records per kind, documents, realised mix."""
+        counters: Counter = Counter()
+        for state in self._states.values():
+            counters.update(state["counters"])
+        out = {f"data/{k}": float(v) for k, v in sorted(counters.items())}
+        total = max(int(self.emitted.sum()), 1)
+        for source, n in zip(self.corpus.sources, self.emitted, strict=True):
+            out[f"data/mix/{source.label}"] = float(n) / total
+        return out
+
+    # ------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """This rank's data state, JSON-serialisable."""
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self.corpus.fingerprint(),
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "workers": self.workers,
+            "total_readers": self.total_readers,
+            "next": self._next,
+            "batches": self.batches,
+            "emitted": self.emitted.tolist(),
+            "readers": {str(g): _encode(s) for g, s in self._states.items()},
+        }
+
+    def load_state_dict(self, states: dict | list[dict]) -> None:
+        """Continue from the states of all ranks (one dict is enough for a single rank).
+
+        Same readers: exact continuation. Other ranks x workers: the unfinished work of the
+        epoch is redistributed. Raises ``DataStateError`` for an incomplete or foreign state.
+        """
+        parts = [states] if isinstance(states, dict) else list(states)
+        first = parts[0]
+        for part in parts:
+            if part.get("version") != STATE_VERSION:
+                raise DataStateError(
+                    f"data state version {part.get('version')} is not {STATE_VERSION}"
+                )
+            if part["fingerprint"] != self.corpus.fingerprint():
+                raise DataStateError(
+                    "the corpus files differ from the ones the data state was saved with "
+                    "(files added, removed or renamed); the stream cannot continue exactly"
+                )
+        old_total = first["total_readers"]
+        readers = {int(g): _decode(s) for part in parts for g, s in part["readers"].items()}
+        if sorted(readers) != list(range(old_total)):
+            raise DataStateError(
+                f"the data state covers readers {sorted(readers)} of {old_total}: "
+                "load the data states of all ranks"
+            )
+        if first["seed"] != self.seed:
+            log.warning(
+                "data state was saved with seed %s; keeping it for the data order", first["seed"]
+            )
+            self.seed = first["seed"]
+        same = (first["world_size"], first["workers"]) == (self.world_size, self.workers)
+        if old_total == self.total_readers:
+            self._states = {g: readers[g] for g in self.readers}
+            mine = [p for p in parts if p["rank"] == self.rank]
+            self._next = mine[0]["next"] if same and mine else 0
+            self.emitted = np.array(mine[0]["emitted"] if same and mine else self._share(parts))
+            self.batches = mine[0]["batches"] if same and mine else 0
+            return
+        moved = self._redistribute([readers[g] for g in range(old_total)])
+        self._states = {g: moved[g] for g in self.readers}
+        self._next = 0
+        self.emitted = np.array(self._share(parts))
+        self.batches = 0
+        log.info("data state of %d readers redistributed to %d", old_total, self.total_readers)
+
+    def _share(self, parts: list[dict]) -> list[int]:
+        total = np.sum([p["emitted"] for p in parts], axis=0)
+        return total.tolist() if self.rank == 0 else [0] * len(total)
+
+    def _redistribute(self, old: list[dict]) -> list[dict]:
+        n_old, n_new = len(old), self.total_readers
+        plans = [
+            SourcePlan(self.seed, s, len(src.files), self.cfg.shuffle)
+            for s, src in enumerate(self.corpus.sources)
+        ]
+        cursors = redistribute(plans, [st["cursors"] for st in old], n_old, n_new)
+        leftovers = [p for st in old for p in (*st["window"], *st["packer"])]
+        mixed = np.sum([st["mixed"] for st in old], axis=0) // n_new
+        counters: Counter = Counter()
+        for st in old:
+            counters.update(st["counters"])
+        generation = max(st.get("generation", 0) for st in old) + 1
+        new = []
+        for g in range(n_new):
+            state = fresh_state(Layout(g, n_new), len(plans), self.seed)
+            state["rng"] = np.random.default_rng(
+                [self.seed, n_new, g, generation]
+            ).bit_generator.state
+            state.update(
+                cursors=cursors[g],
+                mixed=[int(x) for x in mixed],
+                window=leftovers[g::n_new],
+                counters=dict(counters) if g == 0 else {},
+                generation=generation,
+            )
+            new.append(state)
+        return new
+
+
+# A data state holds token arrays (shuffle window, packer); JSON carries them as base64.
+
+
+def _encode(obj):
+    if isinstance(obj, np.ndarray):
+        return {
+            "__array__": obj.dtype.str,
+            "shape": list(obj.shape),
+            "b64": base64.b64encode(obj.tobytes()).decode(),
+        }
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _decode(obj):
+    if isinstance(obj, dict):
+        if "__array__" in obj:
+            flat = np.frombuffer(base64.b64decode(obj["b64"]), dtype=np.dtype(obj["__array__"]))
+            return flat.reshape(obj["shape"]).copy()
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
