@@ -15,7 +15,8 @@ from launcher.config import save_config
 from launcher.stages import Stage
 from pretrain.config import PretrainConfig
 from pretrain.data.builtin import CorpusInfo, write_builtin_corpus
-from pretrain.data.sources import sample_texts
+from pretrain.data.sources import check_corpus, resolve_corpus, sample_texts
+from pretrain.data.validation import build_validation
 from pretrain.model import build_model, describe, param_count
 from pretrain.tokenizer import (
     TextTokenizer,
@@ -79,6 +80,14 @@ def prepare(cfg: PretrainConfig) -> Prepared:
             f"{corpus.docs} documents, {corpus.text_bytes / 1e6:.1f} MB of text, {how})"
         )
 
+    corpus = resolve_corpus(cfg.data)
+    check_corpus(corpus, cfg.data.on_error, cfg.data.max_document_bytes)
+    for source in corpus.sources:
+        print(
+            f"[kiln] source          {source.label}: {len(source.files)} files, "
+            f"{source.weight:.0%} of the training tokens"
+        )
+
     tokenizer, how = load_or_train_tokenizer(cfg)
     sample = list(sample_texts(cfg.data.all_sources(), 200, 2_000_000, cfg.run.seed + 1))
     bad = roundtrip_failures(tokenizer, sample)
@@ -91,6 +100,11 @@ def prepare(cfg: PretrainConfig) -> Prepared:
     )
     if bad:
         print(f"[kiln] WARNING: {tokenizer.source} is lossy on {len(bad)} sampled documents")
+    val = build_validation(cfg.data, corpus, tokenizer)
+    print(
+        f"[kiln] validation      {val.documents} documents, {val.text_bytes / 1e3:.0f} kB, "
+        f"{val.target_tokens} target tokens (for bits per byte)"
+    )
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise TokenizerError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "

@@ -124,6 +124,8 @@ class StreamLoader:
         counters: Counter = Counter()
         for state in self._states.values():
             counters.update(state["counters"])
+        if self.rank == 0:  # paths that matched nothing, found once when the corpus was listed
+            counters.update({f"skipped_{kind}": n for kind, n in self.corpus.problems.items()})
         out = {f"data/{k}": float(v) for k, v in sorted(counters.items())}
         total = max(int(self.emitted.sum()), 1)
         for source, n in zip(self.corpus.sources, self.emitted, strict=True):

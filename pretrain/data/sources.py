@@ -126,7 +126,9 @@ def is_held_out(doc: Document, fraction: float) -> bool:
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
-def check_corpus(corpus: ResolvedCorpus, on_error: str = "skip") -> None:
+def check_corpus(
+    corpus: ResolvedCorpus, on_error: str = "skip", max_bytes: int | None = None
+) -> None:
     """Fail before training when a source yields no document at all.
 
     Reads each source's files in order until one good document is found, so a healthy
@@ -137,7 +139,9 @@ def check_corpus(corpus: ResolvedCorpus, on_error: str = "skip") -> None:
         found = False
         for path in source.files:
             try:
-                for item, _ in scan(path, format=source.format, text_field=source.text_field):
+                for item, _ in scan(
+                    path, format=source.format, text_field=source.text_field, max_bytes=max_bytes
+                ):
                     if isinstance(item, CorpusError):
                         if on_error == "raise":
                             raise item
