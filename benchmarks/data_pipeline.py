@@ -1,24 +1,20 @@
-"""Is the data pipeline fast enough to keep training fed? Prints one markdown report.
+"""Can the data pipeline keep training fed? Measures, and prints as a markdown report:
 
-Measures, on the built-in corpus with a 4096-token tokenizer trained on it:
-
-1. the raw tokenizer: ``TextTokenizer.encode`` one document at a time and ``encode_batch``
-   on the same texts, in-process (the upper bound for the pipeline);
-2. ``StreamLoader`` tokens/s (input tokens per second of wall time after a warm-up) with 0, 1
-   and 2 DataLoader workers at seq_len 256, micro-batch 8, shuffle window 512, and the ratio
-   per worker to the raw encode speed;
+1. the raw tokenizer in-process: ``TextTokenizer.encode`` per document and ``encode_batch``;
+2. ``StreamLoader`` input tokens/s (after a warm-up) with 0, 1 and 2 DataLoader workers at seq_len
+   256, micro-batch 8, shuffle window 512, and its ratio per worker to the raw encode speed;
 3. a CPU fp32 training step of the ``small`` preset (vocab 4096): forward, cross-entropy,
-   backward and AdamW, on pre-built batches and fed live by a one-worker ``StreamLoader``;
-   tokens/s and achieved model FLOP/s (``flops_per_token``);
+   backward, AdamW; tokens/s and model FLOP/s, on fixed batches and fed live by a loader;
 4. the headroom pipeline / training and the implied data-wait share of a step;
-5. the workers per GPU an 8-GPU node training the ``1b`` preset would need (assumptions stated);
+5. the DataLoader workers per GPU an 8-GPU node training ``1b`` would need (assumptions shown);
 
-plus the cost of the state that travels with every batch (pickled size and time of one
-reader's state, ``StreamLoader.state_dict()`` time and JSON size). All rows are medians over
-``--repeats`` rounds that alternate the compared things (the machine may be shared).
+plus the cost of the reader state: the change that travels with every batch, and the full
+state a checkpoint saves. The built-in corpus and a
+4096-token tokenizer are made in ``--out``. Medians over ``--repeats`` rounds, each alternating
+everything compared (the machine may be shared). ``--profile N`` adds cProfile tables of one
+reader and of the loader's main process over N batches. About 3 minutes on 2 cores:
 
-Run:  python benchmarks/data_pipeline.py [--docs 20000] [--seconds 6] [--out /tmp/kiln-bench]
-      [--repeats 3] [--profile 200]   (--profile N: cProfile one reader over N batches)
+    python benchmarks/data_pipeline.py [--docs 20000] [--seconds 6] [--out /tmp/kiln-bench]
 """
 
 from __future__ import annotations
@@ -32,9 +28,9 @@ import os
 import pickle
 import platform
 import pstats
-import statistics
 import time
 from pathlib import Path
+from statistics import median as med
 
 import tokenizers
 import torch
@@ -63,33 +59,23 @@ def preset(name: str, **overrides) -> ModelConfig:
     )
 
 
-def med(xs) -> float:
-    return statistics.median(xs)
-
-
 def fmt(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{unit}"
     return f"{x:.3g}"
 
 
-def machine() -> list[tuple[str, str]]:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor() or "?",
-    )
-    return [
-        ("CPU", cpu),
-        ("cores", f"{len(os.sched_getaffinity(0))} usable / {os.cpu_count()} online"),
-        ("python", platform.python_version()),
-        ("torch", f"{torch.__version__} ({torch.get_num_threads()} intra-op threads)"),
-        ("tokenizers", tokenizers.__version__),
-    ]
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cpu_model() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    found = (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    return next(found, platform.processor() or "?")
 
 
 def encode_rates(tok, texts) -> tuple[float, float]:
@@ -148,16 +134,17 @@ def make_optimizer(model, batch) -> tuple[torch.optim.Optimizer, str]:
 
 
 def state_costs(data, tok, corpus) -> dict[str, float]:
+    """One reader's full state and per-batch change after a few batches: pickled sizes and
+    time; state_dict() cost."""
+    reader = ReaderStream(corpus, data, tok, 0, fresh_state(Layout(0, 1), len(corpus.sources), 0))
+    deltas = [d for _, (_, d) in zip(range(WARMUP_BATCHES * 4), reader.batches(8), strict=False)]
     loader = make_loader(data, tok, corpus, 0)
     it = iter(loader)
     batch = [next(it) for _ in range(WARMUP_BATCHES)][-1]
     state = next(iter(loader._states.values()))
-    blob = pickle.dumps(state)
-    out = {
-        "pickle_bytes": len(blob),
-        "batch_bytes": sum(t.nbytes for t in batch.values()),
-        "window_docs": len(state["window"]),
-    }
+    out = {"pickle_bytes": len(pickle.dumps(state)), "window_docs": len(state["window"])}
+    out["delta_bytes"] = med(len(pickle.dumps(d)) for d in deltas[WARMUP_BATCHES:])
+    out["batch_bytes"] = sum(t.nbytes for t in batch.values())
     out["pickle_s"] = med(timed(lambda: pickle.loads(pickle.dumps(state))) for _ in range(7))
     out["state_dict_s"] = med(timed(loader.state_dict) for _ in range(7))
     out["json_bytes"] = len(json.dumps(loader.state_dict()))
@@ -165,23 +152,17 @@ def state_costs(data, tok, corpus) -> dict[str, float]:
     return out
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def profile_reader(data, tok, corpus, batches: int, top: int = 18) -> None:
-    """cProfile one reader (what one DataLoader worker runs) over ``batches`` batches."""
-    reader = ReaderStream(corpus, data, tok, 0, fresh_state(Layout(0, 1), 1, 0))
-    gen = reader.batches(MICRO)
+def profile(batches, n: int, title: str, sort: str, top: int = 14) -> None:
+    """cProfile ``n`` batches of the iterator ``batches`` (after WARMUP_BATCHES untimed)."""
+    for _ in range(WARMUP_BATCHES):
+        next(batches)
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(batches):
-        next(gen)
+    for _ in range(n):
+        next(batches)
     prof.disable()
-    print(f"\ncProfile of one reader over {batches} batches (top {top} by cumulative time):\n")
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
+    print(f"\n### cProfile: {title}, {n} batches, top {top} by {sort}\n")
+    pstats.Stats(prof).sort_stats(sort).print_stats(top)
 
 
 def main() -> None:
@@ -191,7 +172,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/kiln-bench", help="corpus and tokenizer folder")
     ap.add_argument("--repeats", type=int, default=3, help="rounds (medians are over these)")
     ap.add_argument("--train-steps", type=int, default=3, help="timed train steps per round")
-    ap.add_argument("--profile", type=int, default=0, help="cProfile a reader over N batches")
+    ap.add_argument("--profile", type=int, default=0, help="cProfile over N batches")
     args = ap.parse_args()
     out = Path(args.out)
 
@@ -218,9 +199,8 @@ def main() -> None:
     # Rounds alternate everything compared: tokenizer modes, worker counts, training feeds.
     single, batched, steps, live_steps = [], [], [], []
     pipe = {w: [] for w in WORKERS}
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # encode_batch's threads, in-process only
     for r in range(args.repeats):
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # encode_batch's threads (in-process)
         s, b = encode_rates(tok, docs)
         single.append(s)
         batched.append(b)
@@ -229,7 +209,7 @@ def main() -> None:
             pipe[w].append(pipeline_rate(data, tok, corpus, w, args.seconds))
         steps += train_step_times(model, opt, itertools.cycle(fixed), args.train_steps)
         live = iter(make_loader(data, tok, corpus, 1))
-        next(live)  # worker start-up and shuffle-window fill are not a step's cost
+        train_step_times(model, opt, live, 1)  # worker start-up and window fill: not timed
         live_steps += train_step_times(model, opt, live, args.train_steps)
         live.close()
     state = state_costs(data, tok, corpus)
@@ -237,91 +217,64 @@ def main() -> None:
     enc1, encb = med(single), med(batched)
     rates = {w: med(v) for w, v in pipe.items()}
     best = max(rates, key=rates.get)
-    tokens_per_step = MICRO * SEQ
-    train_rate, live_rate = tokens_per_step / med(steps), tokens_per_step / med(live_steps)
-    fpt = flops_per_token(mcfg, SEQ)
-    big = preset("1b")
-    fpt_1b = flops_per_token(big, GPU_SEQ)
-    gpu_rate = GPU_MFU * GPU_PEAK / fpt_1b
-    per_worker = rates[1]
-    need = math.ceil(gpu_rate / per_worker)
-    sync_wait = train_rate / (rates[0] + train_rate)  # loading in the training process
-    bg_wait = max(0.0, 1 - rates[best] / train_rate)  # workers in the background
+    per_step = MICRO * SEQ
+    train_rate, live_rate = per_step / med(steps), per_step / med(live_steps)
+    fpt, fpt_1b = flops_per_token(mcfg, SEQ), flops_per_token(preset("1b"), GPU_SEQ)
+    gpu_rate = GPU_MFU * GPU_PEAK / fpt_1b  # tokens/s one GPU consumes
+    sync_wait = train_rate / (rates[0] + train_rate)  # loading inside the training process
+    bg_wait = max(0.0, 1 - rates[best] / train_rate)  # workers loading in the background
 
-    print(
-        f"\n## kiln data pipeline benchmark\n\nsetup {setup_s:.1f}s: corpus {info.docs} docs "
-        f"({info.text_bytes / 1e6:.1f} MB text, {'reused' if info.reused else 'generated'}) "
-        f"in {out}; tokenizer {tok.vocab_size} tokens; {len(docs)} docs for raw encoding; "
-        f"medians over {args.repeats} rounds\n"
-    )
+    print(f"\n## kiln data pipeline benchmark\n\nsetup {setup_s:.1f}s: corpus {info.docs} docs")
+    print(f"({info.text_bytes / 1e6:.1f} MB of text) in {out}; {tok.vocab_size}-token tokenizer;")
+    print(f"raw encoding on {len(docs)} docs; medians over {args.repeats} alternating rounds.\n")
     print("| machine | |\n|---|---|")
-    for k, v in machine():
-        print(f"| {k} | {v} |")
-    rows = [
-        ("1. raw encode(), one doc at a time", f"{fmt(enc1)} tok/s", "1 thread, in-process"),
-        ("1. raw encode_batch()", f"{fmt(encb)} tok/s", "rayon threads, in-process"),
-    ]
+    print(f"| CPU | {cpu_model()} |\n| cores | {len(os.sched_getaffinity(0))} usable |")
+    print(f"| torch | {torch.__version__} ({torch.get_num_threads()} intra-op threads) |")
+    print(f"| tokenizers | {tokenizers.__version__} |\n| python | {platform.python_version()} |")
+    print("\n| # | measurement | result | notes |\n|---|---|---|---|")
+
+    def row(n, what, result, notes=""):
+        print(f"| {n} | {what} | {result} | {notes} |")
+
+    # fmt: off
+    row(1, "raw `encode()`, one document at a time", f"{fmt(enc1)} tok/s", "1 thread")
+    row(1, "raw `encode_batch()`", f"{fmt(encb)} tok/s", "rayon threads on all cores")
     for w in WORKERS:
+        runs = ", ".join(fmt(x) for x in pipe[w])
         ratio = rates[w] / max(w, 1) / enc1
-        rows.append(
-            (
-                f"2. StreamLoader num_workers={w}",
-                f"{fmt(rates[w])} tok/s",
-                f"{ratio:.0%} of raw encode() per worker; runs: "
-                + ", ".join(fmt(x) for x in pipe[w]),
-            )
-        )
-    rows += [
-        (
-            "3. train step, small (vocab 4096), fp32 CPU",
-            f"{fmt(train_rate)} tok/s",
-            f"{tokens_per_step} tok/step, median step {med(steps):.2f}s, AdamW {opt_kind}",
-        ),
-        (
-            "3. achieved model FLOP/s",
-            f"{fmt(fpt * train_rate)}FLOP/s",
-            f"flops_per_token = {fmt(fpt)} at seq {SEQ}",
-        ),
-        (
-            "3. train step fed live by StreamLoader(1 worker)",
-            f"{fmt(live_rate)} tok/s",
-            f"median step {med(live_steps):.2f}s (includes next(batch) and CPU contention)",
-        ),
-        (
-            "4. headroom: best pipeline / training",
-            f"{rates[best] / train_rate:.0f}x",
-            f"best = {best} workers",
-        ),
-        (
-            "4. implied data-wait share of a step",
-            f"{bg_wait:.1%} with workers",
-            f"{sync_wait:.1%} if loaded in-process (num_workers=0)",
-        ),
-        (
-            "5. 1b on 8 GPUs: workers per GPU",
-            f"{need} (>= {gpu_rate / per_worker:.2f})",
-            f"assumes H100 bf16 {GPU_MFU:.0%} MFU of {fmt(GPU_PEAK)}FLOP/s, 1b flops_per_token "
-            f"{fmt(fpt_1b)} at seq {GPU_SEQ} -> {fmt(gpu_rate)} tok/s/GPU, "
-            f"{fmt(8 * gpu_rate)} tok/s/node; / {fmt(per_worker)} tok/s per worker (1-worker run; "
-            f"this 4096-token tokenizer, not 1b's 32000)",
-        ),
-        (
-            "state: pickle of one reader's state",
-            f"{state['pickle_bytes'] / 1e3:.0f} kB",
-            f"vs {state['batch_bytes'] / 1e3:.0f} kB of batch tensors; window holds "
-            f"{state['window_docs']} docs; dumps+loads {state['pickle_s'] * 1e3:.2f} ms/batch",
-        ),
-        (
-            "state: StreamLoader.state_dict()",
-            f"{state['state_dict_s'] * 1e3:.1f} ms",
-            f"JSON {state['json_bytes'] / 1e6:.2f} MB (base64 token arrays)",
-        ),
-    ]
-    print("\n| measurement | result | notes |\n|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+        row(2, f"StreamLoader num_workers={w}", f"{fmt(rates[w])} tok/s",
+            f"{ratio:.0%} of raw `encode()` per worker; runs {runs}")
+    row(3, "train step, `small` vocab 4096, fp32 CPU", f"{fmt(train_rate)} tok/s",
+        f"{per_step} tok/step, median {med(steps):.2f} s/step, AdamW {opt_kind}")
+    row(3, "achieved model FLOP/s", f"{fmt(fpt * train_rate)} FLOP/s",
+        f"flops_per_token {fmt(fpt)} at seq {SEQ}")
+    row(3, "train step fed live by StreamLoader(1 worker)", f"{fmt(live_rate)} tok/s",
+        f"median {med(live_steps):.2f} s/step: next(batch) + worker CPU contention")
+    row(4, "headroom: best pipeline / training", f"{rates[best] / train_rate:,.0f}x",
+        f"best: num_workers={best}")
+    row(4, "implied data-wait share of a step", f"{bg_wait:.1%} (workers)",
+        f"{sync_wait:.2%} if loaded in the training process (num_workers=0)")
+    row(5, "`1b` on an 8-GPU node: workers per GPU",
+        f"{math.ceil(gpu_rate / rates[1])} (need {gpu_rate / rates[1]:.2f})",
+        f"assumed: H100 bf16 at {GPU_MFU:.0%} MFU of {fmt(GPU_PEAK)}FLOP/s, 1b flops_per_token "
+        f"{fmt(fpt_1b)} at seq {GPU_SEQ} = {fmt(gpu_rate)} tok/s/GPU ({fmt(8 * gpu_rate)}/node)"
+        f" / {fmt(rates[1])} tok/s of one worker (this 4096-token tokenizer)")
+    row("state", "per-batch state change (pickled)", f"{state['delta_bytes'] / 1e3:,.1f} kB",
+        f"travels with every batch (batch arrays: {state['batch_bytes'] / 1e3:.0f} kB)")
+    row("state", "pickle of one reader's full state", f"{state['pickle_bytes'] / 1e3:,.0f} kB",
+        f"{state['window_docs']} window docs; dumps+loads {state['pickle_s'] * 1e3:.2f} ms")
+    row("state", "`StreamLoader.state_dict()`", f"{state['state_dict_s'] * 1e3:.1f} ms",
+        f"{state['json_bytes'] / 1e6:.2f} MB as JSON")
+    # fmt: on
     if args.profile:
-        profile_reader(data, tok, corpus, args.profile)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        reader = ReaderStream(
+            corpus, data, tok, 0, fresh_state(Layout(0, 1), len(corpus.sources), 0)
+        )
+        profile(reader.batches(MICRO), args.profile, "one reader in-process", "cumulative")
+        it = iter(make_loader(data, tok, corpus, 1))
+        profile(it, args.profile, "main process of StreamLoader(num_workers=1)", "tottime")
+        it.close()
 
 
 if __name__ == "__main__":

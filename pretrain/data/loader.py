@@ -29,7 +29,7 @@ from launcher.errors import UserError
 from pretrain.data.config import DataConfig
 from pretrain.data.plan import Layout, SourcePlan, redistribute
 from pretrain.data.sources import ResolvedCorpus
-from pretrain.data.stream import ReaderStream, fresh_state
+from pretrain.data.stream import ReaderStream, apply_delta, fresh_state
 from pretrain.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,10 @@ class _ReaderDataset(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         reader = ReaderStream(self.corpus, self.cfg, self.tokenizer, self.seed, self.states[worker])
-        for batch, state in reader.batches(self.batch_size):
-            tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
-            yield {"batch": tensors, "state": state, "worker": worker}
+        # numpy, not tensors: a tensor crosses processes as a shared-memory file descriptor,
+        # a round trip per tensor that cost more than pickling the few kB of a batch.
+        for batch, delta in reader.batches(self.batch_size):
+            yield {"batch": batch, "delta": delta, "worker": worker}
 
 
 def _as_is(item):
@@ -110,12 +111,12 @@ class StreamLoader:
         )
         for item in loader:
             g = order[item["worker"]]
-            self._states[g] = item["state"]
+            self._states[g] = apply_delta(self._states[g], item["delta"])
             self._next = (self.readers.index(g) + 1) % len(self.readers)
             batch = item["batch"]
-            self.emitted += batch.pop("source_tokens").numpy()
+            self.emitted += batch.pop("source_tokens")
             self.batches += 1
-            yield batch
+            yield {k: torch.from_numpy(v) for k, v in batch.items()}
 
     # ---------------------------------------------------------------------------- metrics
 
@@ -211,7 +212,7 @@ class StreamLoader:
         counters: Counter = Counter()
         for st in old:
             counters.update(st["counters"])
-        generation = max(st.get("generation", 0) for st in old) + 1
+        generation = max(st["generation"] for st in old) + 1
         new = []
         for g in range(n_new):
             state = fresh_state(Layout(g, n_new), len(plans), self.seed)

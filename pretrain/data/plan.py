@@ -64,8 +64,10 @@ def epoch_units(
     ]
 
 
-def new_cursor(epoch: int = 0) -> dict:
-    return {"current": None, "carry": [], "epoch": epoch, "next": 0}
+def new_cursor(epoch: int = 0, carry: list[Segment] | None = None) -> dict:
+    """``carry`` never changes once made (``carry_next`` walks it), so it need not travel
+    with every batch's state."""
+    return {"current": None, "carry": carry or [], "carry_next": 0, "epoch": epoch, "next": 0}
 
 
 class SourcePlan:
@@ -87,8 +89,9 @@ class SourcePlan:
 
     def advance(self, cursor: dict, layout: Layout) -> Segment:
         """Move ``cursor`` to its next segment (carry first, then the regular plan) and return it."""
-        if cursor["carry"]:
-            cursor["current"] = cursor["carry"].pop(0)
+        if cursor["carry_next"] < len(cursor["carry"]):
+            cursor["current"] = dict(cursor["carry"][cursor["carry_next"]])
+            cursor["carry_next"] += 1
             return cursor["current"]
         while True:
             mine = self.units(cursor["epoch"], layout)
@@ -103,7 +106,7 @@ class SourcePlan:
         """Everything this reader has not finished, in epochs up to ``through_epoch``."""
         if cursor["current"] is not None:
             yield cursor["current"]
-        yield from cursor["carry"]
+        yield from cursor["carry"][cursor["carry_next"] :]
         for epoch in range(cursor["epoch"], through_epoch + 1):
             mine = self.units(epoch, layout)
             yield from mine[cursor["next"] :] if epoch == cursor["epoch"] else mine
@@ -127,7 +130,5 @@ def redistribute(
         ]
         left.sort(key=lambda seg: seg["epoch"])  # stable: finish older epochs first
         for g in range(new):
-            cursor = new_cursor(through + 1)
-            cursor["carry"] = [dict(seg) for seg in left[g::new]]
-            result[g][s] = cursor
+            result[g][s] = new_cursor(through + 1, [dict(seg) for seg in left[g::new]])
     return result

@@ -13,6 +13,7 @@ document), deterministically, whatever the documents' lengths.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections import Counter
@@ -52,6 +53,7 @@ def fresh_state(layout: Layout, n_sources: int, seed: int) -> dict:
         "packer": [],
         "rng": np.random.default_rng([seed, layout.count, layout.index]).bit_generator.state,
         "counters": {},
+        "generation": 0,
     }
 
 
@@ -71,7 +73,7 @@ class ReaderStream:
         self.plans = [
             SourcePlan(seed, s, len(src.files), cfg.shuffle) for s, src in enumerate(corpus.sources)
         ]
-        self.cursors = state["cursors"]
+        self.cursors = copy.deepcopy(state["cursors"])
         self.mixed = list(state["mixed"])
         self.window = [Piece(p["tokens"], p["spans"]) for p in state["window"]]
         self.packer = Packer(
@@ -81,6 +83,8 @@ class ReaderStream:
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = state["rng"]
         self.counters = Counter(state["counters"])
+        self.generation = state["generation"]
+        self.window_ops: list[tuple] = []
         self._scans: list[Iterator | None] = [None] * len(self.plans)
         self._empty_segments = [0] * len(self.plans)
         self._weights = np.array([src.weight for src in corpus.sources])
@@ -165,36 +169,69 @@ class ReaderStream:
                     self.packer.add(self._next_piece())
                     continue
                 while len(self.window) < window:
-                    self.window.append(self._next_piece())
+                    piece = self._next_piece()
+                    self.window.append(piece)
+                    self.window_ops.append(("add", piece.tokens, piece.spans))
                 i = int(self.rng.integers(len(self.window)))
-                self.window[i], self.window[-1] = self.window[-1], self.window[i]
-                self.packer.add(self.window.pop())
+                self.packer.add(swap_pop(self.window, i))
+                self.window_ops.append(("pop", i))
             yield self.packer.pop()
 
     def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
-        """Stacked batches of ``batch_size`` sequences, each with the state right after it."""
+        """Stacked batches of ``batch_size`` sequences, each with the change of state it made.
+
+        The change is small (cursors, packer, RNG, counters, and the window's additions and
+        removals as ``window_ops``) so that it can travel with every batch; ``apply_delta``
+        on the previous full state gives the state right after the batch.
+        """
         sequences = self.sequences()
         while True:
             rows = [next(sequences) for _ in range(batch_size)]
             batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "source_tokens"}
             batch["source_tokens"] = np.sum([r["source_tokens"] for r in rows], axis=0)
-            yield batch, self.state_dict()
+            delta = self._light_state()
+            delta["window_ops"], self.window_ops = self.window_ops, []
+            yield batch, delta
 
-    def state_dict(self) -> dict:
-        """A snapshot (plain data; arrays are shared, never modified in place)."""
+    def _light_state(self) -> dict:
         return {
             "layout": {"index": self.layout.index, "count": self.layout.count},
             "cursors": [
-                {
-                    **c,
-                    "current": dict(c["current"]) if c["current"] else None,
-                    "carry": list(c["carry"]),
-                }
+                {**{k: v for k, v in c.items() if k != "carry"}, "current": copy.copy(c["current"])}
                 for c in self.cursors
             ],
             "mixed": list(self.mixed),
-            "window": [{"tokens": p.tokens, "spans": p.spans} for p in self.window],
             "packer": self.packer.state_dict(),
             "rng": self.rng.bit_generator.state,
             "counters": dict(self.counters),
+            "generation": self.generation,
         }
+
+    def state_dict(self) -> dict:
+        """The full state (plain data; arrays are shared, never modified in place)."""
+        state = self._light_state()
+        for cursor, mine in zip(state["cursors"], self.cursors, strict=True):
+            cursor["carry"] = mine["carry"]
+        state["window"] = [{"tokens": p.tokens, "spans": p.spans} for p in self.window]
+        return state
+
+
+def swap_pop(items: list, i: int):
+    """Remove and return ``items[i]`` in O(1) (the last item takes its place)."""
+    items[i], items[-1] = items[-1], items[i]
+    return items.pop()
+
+
+def apply_delta(state: dict, delta: dict) -> dict:
+    """The full state after a batch: ``state`` (before it) updated by the batch's ``delta``."""
+    window = list(state["window"])
+    for op in delta["window_ops"]:
+        if op[0] == "add":
+            window.append({"tokens": op[1], "spans": op[2]})
+        else:
+            swap_pop(window, op[1])
+    new = {k: v for k, v in delta.items() if k != "window_ops"}
+    for cursor, old in zip(new["cursors"], state["cursors"], strict=True):
+        cursor["carry"] = old["carry"]
+    new["window"] = window
+    return new
