@@ -97,7 +97,7 @@ def data_config(root: Path, **overrides) -> DataConfig:
     return DataConfig.model_validate(base)
 
 
-def train_small_tokenizer(root: Path, out: Path) -> TextTokenizer:
+def train_small_tokenizer(_root: Path | None, out: Path) -> TextTokenizer:
     rng = random.Random(1)
     texts = [make_text(rng, 200) for _ in range(50)]
     return train_tokenizer(TokenizerConfig(vocab_size=400), texts, out).tokenizer

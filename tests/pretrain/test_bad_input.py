@@ -16,7 +16,7 @@ from pretrain.data.documents import CorpusError
 from pretrain.data.loader import StreamLoader
 from pretrain.data.sources import check_corpus, resolve_corpus
 
-from .data_fixtures import make_text, train_small_tokenizer
+from .data_fixtures import make_text
 
 
 def good_lines(n: int, tag: str) -> str:
@@ -64,11 +64,6 @@ def write_bad_files(root) -> dict[str, tuple[str, str, int | None]]:
 def bad_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     return root, write_bad_files(root)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return train_small_tokenizer(None, tmp_path_factory.mktemp("tok"))
 
 
 def config(paths: list[str], **extra) -> DataConfig:

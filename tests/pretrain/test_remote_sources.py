@@ -12,20 +12,18 @@ import torch
 
 from pretrain.data.sources import resolve_corpus
 
-from .data_fixtures import data_config, loaders, make_corpus, take, train_small_tokenizer
+from .data_fixtures import data_config, loaders, take
+
+
+@pytest.fixture
+def corpus(corpus_dir, tokenizer):
+    return corpus_dir, tokenizer
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    make_corpus(root)
-    return root, train_small_tokenizer(root, tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def http_root(corpus):
+def http_root(corpus_dir):
     """The corpus folder served over HTTP (with Range support, which seeking needs)."""
-    root, _ = corpus
+    root = corpus_dir
     handler = functools.partial(RangeHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -18,20 +18,7 @@ from .data_fixtures import (
     make_corpus,
     take,
     tokens_per_document,
-    train_small_tokenizer,
 )
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    make_corpus(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tokenizer(corpus_dir, tmp_path_factory):
-    return train_small_tokenizer(corpus_dir, tmp_path_factory.mktemp("tok"))
 
 
 def run(cfg, tokenizer, world, n, states=None):

@@ -16,17 +16,13 @@ from .data_fixtures import (
     loaders,
     make_corpus,
     tokens_per_document,
-    train_small_tokenizer,
 )
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    make_corpus(root)
-    tokenizer = train_small_tokenizer(root, tmp_path_factory.mktemp("tok"))
-    cfg = data_config(root, validation={"fraction": 0.15, "max_docs": 1000})
-    return root, tokenizer, cfg
+@pytest.fixture
+def setup(corpus_dir, tokenizer):
+    cfg = data_config(corpus_dir, validation={"fraction": 0.15, "max_docs": 1000})
+    return corpus_dir, tokenizer, cfg
 
 
 def held_out_documents(cfg):
