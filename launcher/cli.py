@@ -1,16 +1,21 @@
 """`python -m launcher STAGE CONFIG [key=value ...]` (also installed as `kiln`).
 
-Parse, validate the whole config before anything starts, run the stage, report bad input as
-one message (exit 2 for a bad config, 1 for bad data) instead of a traceback.
+Parse, validate the whole config before anything starts, then run the stage here, or, for
+several processes, print and run the `accelerate launch` command whose workers come back
+here. Bad input is one message (exit 2 for a bad config, 1 for bad data), not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import subprocess
 import sys
 
 from launcher.config import ConfigError, dump_config, load_config
 from launcher.errors import UserError
+from launcher.launch import accelerate_command, in_worker, launch_env, render, world_overrides
 from launcher.stages import find_stage, stage_names
 
 
@@ -19,13 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kiln",
         description="Run a stage of kiln on a YAML config with dotted overrides.",
         epilog=f"stages: {', '.join(stage_names())}.  "
-        "Example: kiln prepare configs/pretrain/demo.yaml model=tiny optim.lr=1e-3",
+        "Example: kiln pretrain configs/pretrain/demo.yaml --nproc 2 optim.lr=1e-3",
     )
     parser.add_argument("stage", help="what to run: " + ", ".join(stage_names()))
     parser.add_argument("config", help="YAML run config (may `extends:` others)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     parser.add_argument("--nproc", type=int, help="processes per node (sets dist.num_processes)")
     parser.add_argument("--nodes", type=int, help="number of nodes (sets dist.num_nodes)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
@@ -33,13 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         stage = find_stage(args.stage)
     except KeyError as exc:
         print(f"kiln: {exc.args[0]}", file=sys.stderr)
         return 2
     overrides = list(args.overrides)
+    if in_worker():
+        overrides += world_overrides()
     if args.nproc is not None:
         overrides.append(f"dist.num_processes={args.nproc}")
     if args.nodes is not None:
@@ -52,9 +60,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    d = config.dist
+    if stage.distributed and d.world_size > 1 and not in_worker():
+        command = accelerate_command(
+            args.stage,
+            args.config,
+            list(args.overrides),
+            nproc=d.num_processes,
+            nodes=d.num_nodes,
+            zero_stage=d.zero_stage,
+            offload=d.offload_optimizer or d.offload_params,
+        )
+        print(f"[kiln] {render(command)}", flush=True)
+        if args.dry_run:
+            return 0
+        return subprocess.call(command, env=launch_env())
+    if args.dry_run:
+        print(f"[kiln] would run stage {args.stage} in this process")
+        return 0
+    _configure_logging()
     try:
         stage.run(config)
     except UserError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _configure_logging() -> None:
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(
+        level=logging.INFO if main_rank else logging.WARNING,
+        format="[%(asctime)s %(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+    )

@@ -17,14 +17,12 @@ is collected with the dotted key and the file and line it came from, then raised
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from launcher.config_files import (
     CONFIG_ROOT,
@@ -36,7 +34,7 @@ from launcher.config_files import (
     model_class,
 )
 
-__all__ = ["CONFIG_ROOT", "ConfigError", "Problem", "RunConfig", "Section", "load_config"]
+__all__ = ["CONFIG_ROOT", "ConfigError", "Problem", "Section", "load_config"]
 
 
 class Section(BaseModel):
@@ -49,106 +47,9 @@ class Section(BaseModel):
         return ()
 
 
-# --------------------------------------------------------------------------- common sections
-
-
-class RunSection(Section):
-    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    """Run name; outputs go to ``<output_dir>/<name>/``."""
-    output_dir: str = "runs"
-    """Parent folder of run directories."""
-    seed: int = 1234
-    """Seed for model init, data order and everything else random."""
-
-
-class TrainSection(Section):
-    global_batch_size: int = Field(32, gt=0)
-    """Sequences per optimizer step, summed over all ranks and accumulation steps."""
-    micro_batch_size: int = Field(8, gt=0)
-    """Sequences per forward/backward on one rank."""
-    max_steps: int = Field(100, gt=0)
-    """Optimizer steps to run."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto = bf16 on GPUs that support it, fp32 on CPU."""
-
-
-class OptimSection(Section):
-    lr: float = Field(3e-4, gt=0)
-    """Peak learning rate."""
-    weight_decay: float = Field(0.1, ge=0)
-    """Decoupled weight decay (not applied to norms, biases and embeddings)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    """Clip the global gradient norm to this value; null disables clipping."""
-
-
-class ScheduleSection(Section):
-    kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    """Shape after warmup: cosine or linear decay, warmup-stable-decay, or constant."""
-    warmup_steps: int = Field(10, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """Final learning rate as a fraction of the peak."""
-    decay_fraction: float = Field(0.2, gt=0, le=1)
-    """wsd only: fraction of the steps spent decaying at the end."""
-
-
-class DistSection(Section):
-    num_processes: int = Field(1, gt=0)
-    """Processes per node (one per GPU)."""
-    num_nodes: int = Field(1, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage; 0 is plain data parallelism."""
-
-    @property
-    def world_size(self) -> int:
-        return self.num_processes * self.num_nodes
-
-
-class RunConfig(Section):
-    """The stage-independent part of every run config; stages subclass it."""
-
-    run: RunSection = RunSection()
-    train: TrainSection = TrainSection()
-    optim: OptimSection = OptimSection()
-    schedule: ScheduleSection = ScheduleSection()
-    dist: DistSection = DistSection()
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.output_dir) / self.run.name
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.dist.world_size)
-
-    def problems(self) -> Iterable[tuple[str, str]]:
-        per_step = self.train.micro_batch_size * self.dist.world_size
-        if self.train.global_batch_size % per_step:
-            fix = max(per_step, round(self.train.global_batch_size / per_step) * per_step)
-            yield (
-                "train.global_batch_size",
-                f"{self.train.global_batch_size} is not divisible by train.micro_batch_size "
-                f"({self.train.micro_batch_size}) x world size ({self.dist.world_size}) = "
-                f"{per_step}; use a multiple of {per_step} (e.g. {fix}) or change "
-                "train.micro_batch_size",
-            )
-        if self.schedule.warmup_steps >= self.train.max_steps:
-            yield (
-                "schedule.warmup_steps",
-                f"{self.schedule.warmup_steps} warmup steps leave nothing of train.max_steps "
-                f"({self.train.max_steps}); lower schedule.warmup_steps",
-            )
-
-    def fingerprint(self) -> str:
-        """A short hash of the resolved config, recorded beside checkpoints."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-
 # -------------------------------------------------------------------------------- validation
 
-S = TypeVar("S", bound=RunConfig)
+S = TypeVar("S", bound=Section)
 
 
 def _walk_loc(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from launcher.config import RunConfig
+from launcher.run_config import RunConfig
 
 GROUP = "kiln.stages"
 
@@ -23,6 +23,8 @@ class Stage:
     run: Callable[[Any], Any]
     """Called with the validated config in every process of the job."""
     help: str = ""
+    distributed: bool = False
+    """Runs in several processes (through `accelerate launch`) when asked for."""
 
 
 def stage_names() -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from launcher.config import RunConfig
+from launcher.run_config import RunConfig
 from pretrain.data.config import DataConfig
 from pretrain.model import ModelConfig
 from pretrain.tokenizer import TokenizerConfig

@@ -63,21 +63,23 @@ def load_or_train_tokenizer(cfg: PretrainConfig) -> tuple[TextTokenizer, str]:
     )
 
 
-def prepare(cfg: PretrainConfig) -> Prepared:
-    """Run the stage; print what was made and where. Raises on unusable data or tokenizer."""
-    start = time.perf_counter()
+def prepare_inputs(cfg: PretrainConfig) -> tuple[CorpusInfo | None, TextTokenizer]:
+    """Config, corpus and tokenizer in place (what every pretraining run needs first).
+
+    Raises ``CorpusError``/``TokenizerError`` on unusable data or tokenizer."""
     run_dir = cfg.run_dir
     config_path = save_config(cfg, run_dir)
     print(f"[kiln] run directory   {run_dir}/")
     print(f"[kiln] resolved config {config_path}")
 
-    corpus = None
+    corpus_info = None
     if cfg.data.builtin is not None:
-        corpus = write_builtin_corpus(cfg.data.builtin)
-        how = "reused" if corpus.reused else f"generated in {corpus.seconds:.1f}s"
+        corpus_info = write_builtin_corpus(cfg.data.builtin)
+        how = "reused" if corpus_info.reused else f"generated in {corpus_info.seconds:.1f}s"
         print(
-            f"[kiln] corpus          {corpus.dir}/ ({len(corpus.files)} jsonl.gz shards, "
-            f"{corpus.docs} documents, {corpus.text_bytes / 1e6:.1f} MB of text, {how})"
+            f"[kiln] corpus          {corpus_info.dir}/ ({len(corpus_info.files)} jsonl.gz "
+            f"shards, {corpus_info.docs} documents, {corpus_info.text_bytes / 1e6:.1f} MB of "
+            f"text, {how})"
         )
 
     corpus = resolve_corpus(cfg.data)
@@ -110,6 +112,14 @@ def prepare(cfg: PretrainConfig) -> Prepared:
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
             f"{cfg.model.vocab_size}: raise model.vocab_size to at least {tokenizer.vocab_size}"
         )
+    return corpus_info, tokenizer
+
+
+def prepare(cfg: PretrainConfig) -> Prepared:
+    """Run the stage; print what was made and where. Raises on unusable data or tokenizer."""
+    start = time.perf_counter()
+    run_dir = cfg.run_dir
+    corpus, tokenizer = prepare_inputs(cfg)
 
     model = build_model(
         cfg.model,
@@ -126,7 +136,7 @@ def prepare(cfg: PretrainConfig) -> Prepared:
     print(f"[kiln] prepared in {time.perf_counter() - start:.1f}s")
     return Prepared(
         run_dir=run_dir,
-        config_path=config_path,
+        config_path=run_dir / "config.yaml",
         corpus=corpus,
         tokenizer=tokenizer,
         tokenizer_dir=run_dir / "tokenizer",

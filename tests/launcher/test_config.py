@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from launcher import config_files
-from launcher.config import CONFIG_ROOT, ConfigError, RunConfig, load_config, save_config
+from launcher.config import CONFIG_ROOT, ConfigError, load_config, save_config
+from launcher.run_config import RunConfig
 from pretrain.config import PretrainConfig
 
 

@@ -1,0 +1,47 @@
+"""What happens between steps, in the order the trainer lists them: evaluate, then log, then
+(checkpoint). A callback decides *when*; the mechanism lives in the trainer or its own module."""
+
+from __future__ import annotations
+
+from launcher.loop import Callback, Trainer
+
+
+class Evaluate(Callback):
+    """Evaluate every ``every`` steps (if set) and at the end of training."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+        self._done_at = -1
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.every and trainer.state.step % self.every == 0:
+            trainer.evaluate()
+            self._done_at = trainer.state.step
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self._done_at != trainer.state.step:
+            trainer.evaluate()
+
+
+class Log(Callback):
+    """Reduce and write metrics every ``every`` steps, at evaluations and at the end."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self._done_at = -1
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.state.step % self.every == 0 or trainer.eval_results:
+            trainer.log_now()
+            self._done_at = trainer.state.step
+        elif trainer.runtime.is_main:
+            trainer.progress_to(trainer.state.step)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self._done_at != trainer.state.step or trainer.eval_results:
+            trainer.log_now()
+
+
+def default_callbacks(trainer_cfg) -> list[Callback]:
+    """Evaluate before logging, so an evaluation lands in the same metrics line."""
+    return [Evaluate(trainer_cfg.eval.every), Log(trainer_cfg.metrics.log_every)]

@@ -1,0 +1,250 @@
+"""THE training loop, shared by every stage: step, accumulate, clip, schedule, skip, stop.
+
+Per optimizer step: set the learning rate from the schedule, run ``accum`` micro-batches
+(forward, loss, backward: DeepSpeed accumulates and, on the last one, reduces and calls our
+optimizer, which clips or skips), count tokens, then run the callbacks in their list order
+(evaluate, log, checkpoint...). Every rank takes the same decisions: skips are decided on an
+all-reduced gradient norm, and stop requests (time budget, signals) are all-reduced each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from launcher.errors import UserError
+from launcher.flops import mfu, peak_flops
+from launcher.metrics import (
+    JsonlSink,
+    Metrics,
+    ProgressBar,
+    StepTimer,
+    WandbSink,
+    peak_memory_bytes,
+    record,
+)
+from launcher.optim import build_optimizer, lr_factor, set_lr
+from launcher.run_config import RunConfig
+from launcher.runtime import Runtime
+from launcher.task import Task
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(UserError):
+    """The run cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: part of every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class Callback:
+    """Something that happens between steps. Order = position in the trainer's list."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        pass
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, runtime: Runtime, task: Task, callbacks: list[Callback]):
+        self.cfg, self.runtime, self.task = cfg, runtime, task
+        self.callbacks = callbacks
+        self.state = TrainState()
+        self.timer = StepTimer(sync=runtime.device.type == "cuda")
+        self.eval_results: dict[str, float] = {}
+        self.last_logged: dict[str, float] = {}
+        self.stop_reason: str | None = None
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        """Model, optimizer and DeepSpeed engine; the data stream; metrics sinks."""
+        cfg, rt = self.cfg, self.runtime
+        model = self.task.build_model()
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        base = None
+        if cfg.dist.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            base = DeepSpeedCPUAdam
+        self.optimizer = build_optimizer(
+            self.task.param_groups(model), cfg.optim, partitioned=rt.partitioned_grads, base=base
+        )
+        self.engine, _ = rt.accelerator.prepare(model, self.optimizer)
+        if cfg.train.compile:
+            self.engine.compile()
+        self.batches: Iterator = iter(self.task.train_batches())
+        self.accum = cfg.grad_accum_steps
+        tokens_per_step = cfg.train.global_batch_size * self._seq_len_hint()
+        self.horizon = cfg.train.horizon(tokens_per_step)
+        self.peak, self.peak_source = peak_flops(rt.device, rt.dtype, cfg.metrics.peak_flops)
+        self.metrics = Metrics(
+            run_dir=cfg.run_dir,
+            is_main=rt.is_main,
+            world_size=rt.world_size,
+            all_reduce=rt.all_reduce if rt.world_size > 1 else None,
+            sinks=self._sinks(),
+        )
+        self.metrics.activate()
+
+    def _seq_len_hint(self) -> int:
+        data = getattr(self.cfg, "data", None)
+        return getattr(data, "seq_len", 1)
+
+    def _sinks(self) -> list:
+        if not self.runtime.is_main:
+            return []
+        cfg = self.cfg
+        sinks: list = [JsonlSink(cfg.run_dir / "metrics.jsonl")]
+        if cfg.metrics.resolved_wandb_mode() != "disabled":
+            sinks.append(WandbSink.from_run_config(self.runtime.accelerator, cfg))
+        if cfg.metrics.progress_bar:
+            self.progress = ProgressBar(total=0)
+            sinks.append(self.progress)
+        return sinks
+
+    # ------------------------------------------------------------------------------- steps
+
+    def train_step(self) -> None:
+        """One optimizer step over ``accum`` micro-batches."""
+        rt, opt = self.runtime, self.optimizer
+        lr = set_lr(opt, lr_factor(self.cfg.schedule, self.state.step, self.horizon))
+        losses, tokens = [], 0
+        opt.step_called = False
+        for micro in range(self.accum):
+            with self.timer.phase("data_wait"):
+                batch = next(self.batches)
+                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+            last = micro == self.accum - 1
+            with self.timer.phase("forward_backward"):
+                loss = self.task.loss(self.engine, batch)
+                self.engine.backward(loss)
+                losses.append(loss.detach().float())
+            tokens += self.task.tokens_in(batch)
+            # DeepSpeed counts micro-batches in step(); on the last one it reduces gradients
+            # and runs our optimizer (clip, or skip when the global norm is not finite).
+            with self.timer.phase("optimizer" if last else "forward_backward"):
+                self.engine.step()
+        skipped = opt.last_skipped if opt.step_called else True  # DeepSpeed skipped it itself
+        self.state.step += 1
+        self.state.tokens += tokens * rt.world_size
+        if skipped:
+            self.state.skipped_steps += 1
+            self.state.consecutive_skips += 1
+            log.warning("step %d: non-finite loss or gradient norm; step skipped", self.state.step)
+        else:
+            self.state.consecutive_skips = 0
+        record("train/loss", torch.stack(losses).mean())
+        record("train/lr", lr, reduce="last")
+        record("train/grad_norm", opt.last_grad_norm, reduce="max")
+        record("train/skipped_steps", float(skipped), reduce="max")
+        if self.state.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+            raise TrainingError(
+                f"{self.state.consecutive_skips} optimizer steps in a row (up to step "
+                f"{self.state.step}) had a non-finite loss or gradient norm and were skipped; "
+                "stopping. Lower optim.lr, check the data, or resume from the last checkpoint "
+                f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips})"
+            )
+
+    def request_stop(self, reason: str) -> None:
+        """Ask every rank to stop after the current step (e.g. from a signal handler)."""
+        self._stop_requested = True
+        self.stop_reason = self.stop_reason or reason
+
+    def _should_stop(self, started: float) -> bool:
+        """One tiny all-reduce per step so that all ranks stop at the same step."""
+        budget = self.cfg.train.max_time
+        local = self._stop_requested or (budget is not None and time.time() - started >= budget)
+        flag = torch.tensor([float(local)], device=self.runtime.device)
+        self.runtime.all_reduce(flag, "max")
+        if flag.item() and not self.stop_reason:
+            self.stop_reason = "time budget" if not self._stop_requested else "stop requested"
+        return bool(flag.item())
+
+    # --------------------------------------------------------------------------------- fit
+
+    def fit(self) -> dict[str, float]:
+        """Train to the horizon (or a stop); evaluate at the end; return the last metrics."""
+        started = self._last_log_time = time.time()
+        self._last_log_tokens, self._last_log_step = self.state.tokens, self.state.step
+        self.engine.train()
+        if self.runtime.is_main and getattr(self, "progress", None) is not None:
+            self.progress.reset(total=self.horizon, initial=self.state.step)
+        while self.state.step < self.horizon:
+            self.train_step()
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+            if self._should_stop(started):
+                log.info("stopping at step %d: %s", self.state.step, self.stop_reason)
+                break
+        for callback in self.callbacks:
+            callback.on_fit_end(self)
+        self.metrics.close()
+        return dict(self.last_logged)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def progress_to(self, step: int) -> None:
+        if getattr(self, "progress", None) is not None:
+            self.progress.update(step)
+
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        with torch.no_grad():
+            results = self.task.evaluate(self.engine)
+        self.engine.train()
+        self.eval_results = results
+        return results
+
+    def log_now(self) -> dict[str, float]:
+        """Reduce and write everything recorded since the last call (every rank calls it)."""
+        rt, now = self.runtime, time.time()
+        interval = max(now - self._last_log_time, 1e-9)
+        tokens = self.state.tokens - self._last_log_tokens  # global: same on every rank
+        steps = max(1, self.state.step - self._last_log_step)
+        self._last_log_time, self._last_log_tokens = now, self.state.tokens
+        self._last_log_step = self.state.step
+        for name, seconds in self.timer.pop().items():  # seconds per step, slowest rank
+            record(f"time/{name}", seconds / steps, reduce="max")
+        record("memory/peak_bytes", float(peak_memory_bytes(rt.device)), reduce="max")
+        self.task.on_log()
+        per_device = tokens / interval / rt.world_size
+        extra = {
+            "dist/world_size": float(rt.world_size),
+            "dist/zero_stage": float(rt.zero_stage),
+            "train/tokens_seen": float(self.state.tokens),
+            "throughput/tokens_per_s": tokens / interval,
+            "throughput/tokens_per_s_per_device": per_device,
+        }
+        fpt = self.task.flops_per_token()
+        if fpt:
+            extra["throughput/mfu"] = mfu(per_device, fpt, self.peak)
+        out = self.metrics.flush(self.state.step, extra={**extra, **self.eval_results})
+        self.eval_results = {}
+        self.last_logged = out
+        return out

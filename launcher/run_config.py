@@ -1,0 +1,160 @@
+"""The stage-independent sections of every run config: run, train, optim, schedule, dist,
+eval, metrics. Stages subclass ``RunConfig`` and add their own (model, tokenizer, data...)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from launcher.config import Section
+from launcher.metrics import MetricsConfig
+
+
+class RunSection(Section):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Run name; outputs go to ``<output_dir>/<name>/``."""
+    output_dir: str = "runs"
+    """Parent folder of run directories."""
+    seed: int = 1234
+    """Seed for model init, data order and everything else random."""
+
+
+_TIME = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
+_SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+
+
+class TrainSection(Section):
+    global_batch_size: int = Field(32, gt=0)
+    """Sequences per optimizer step, summed over all ranks and accumulation steps."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Sequences per forward/backward on one rank."""
+    max_steps: int = Field(100, gt=0)
+    """Optimizer steps to run (also the horizon of the learning-rate schedule)."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Stop after this many training tokens instead, if that comes first (the schedule then
+    ends there too)."""
+    max_time: float | None = Field(None, gt=0)
+    """Stop (saving a checkpoint) after this wall time: seconds, or "90m", "2h", "1.5d"."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on GPUs that support it, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, ~30% more time."""
+    compile: bool = False
+    """torch.compile the model (first steps are slow while it compiles)."""
+    max_consecutive_skips: int = Field(5, gt=0)
+    """Stop the run when this many optimizer steps in a row had a non-finite loss or gradient
+    norm (each is skipped: parameters and optimizer state stay as they were)."""
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _parse_time(cls, value):
+        if isinstance(value, str):
+            match = _TIME.match(value)
+            if not match:
+                raise ValueError('expected seconds or a time like "90m", "2h", "1.5d"')
+            return float(match.group(1)) * _SECONDS[match.group(2)]
+        return value
+
+    def horizon(self, tokens_per_step: int) -> int:
+        """Optimizer steps the run (and its schedule) will take."""
+        if self.max_tokens is None:
+            return self.max_steps
+        return min(self.max_steps, -(-self.max_tokens // tokens_per_step))
+
+
+class OptimSection(Section):
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay (not applied to norms, biases and embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+
+
+class ScheduleSection(Section):
+    kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Shape after warmup: cosine or linear decay, warmup-stable-decay, or constant."""
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of the peak."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """wsd only: fraction of the steps spent decaying at the end."""
+
+
+class DistSection(Section):
+    num_processes: int = Field(1, gt=0)
+    """Processes per node (one per GPU)."""
+    num_nodes: int = Field(1, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 data parallel, 1 shards optimizer states, 2 also gradients,
+    3 also parameters."""
+    offload_optimizer: bool = False
+    """ZeRO >= 1: keep optimizer states (and the update) on the CPU."""
+    offload_params: bool = False
+    """ZeRO-3: keep parameters on the CPU between uses."""
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_nodes
+
+
+class EvalSection(Section):
+    every: int | None = Field(100, gt=0)
+    """Evaluate every this many steps (and always at the end); null: only at the end."""
+    max_batches: int | None = Field(None, gt=0)
+    """Evaluate on at most this many batches per rank (null: the whole validation set)."""
+
+
+class RunConfig(Section):
+    """The stage-independent part of every run config; stages subclass it."""
+
+    run: RunSection = RunSection()
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    dist: DistSection = DistSection()
+    eval: EvalSection = EvalSection()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.dist.world_size)
+
+    def problems(self) -> Iterable[tuple[str, str]]:
+        per_step = self.train.micro_batch_size * self.dist.world_size
+        if self.train.global_batch_size % per_step:
+            fix = max(per_step, round(self.train.global_batch_size / per_step) * per_step)
+            yield (
+                "train.global_batch_size",
+                f"{self.train.global_batch_size} is not divisible by train.micro_batch_size "
+                f"({self.train.micro_batch_size}) x world size ({self.dist.world_size}) = "
+                f"{per_step}; use a multiple of {per_step} (e.g. {fix}) or change "
+                "train.micro_batch_size",
+            )
+        if self.dist.offload_params and self.dist.zero_stage != 3:
+            yield "dist.offload_params", "parameter offload needs dist.zero_stage: 3"
+        if self.dist.offload_optimizer and self.dist.zero_stage == 0:
+            yield "dist.offload_optimizer", "optimizer offload needs dist.zero_stage >= 1"
+        if self.schedule.warmup_steps >= self.train.max_steps:
+            yield (
+                "schedule.warmup_steps",
+                f"{self.schedule.warmup_steps} warmup steps leave nothing of train.max_steps "
+                f"({self.train.max_steps}); lower schedule.warmup_steps",
+            )
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved config, recorded beside checkpoints."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,167 @@
+"""How a process joins the run: Accelerator + DeepSpeed plugin, devices, precision, seeds.
+
+One code path for GPUs and CPUs: NCCL and bf16 where CUDA is present, gloo and fp32 on CPU.
+Accelerate on CPU silently runs every process as its own world of 1 unless the process group
+is created with the gloo backend (see ../shared/NOTES.md), so the runtime asks for gloo
+explicitly and then checks that the world it got is the world the config was validated for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launcher.config import CONFIG_ROOT
+from launcher.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What the loop needs to know about this process and its peers."""
+
+    accelerator: object  # accelerate.Accelerator
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+    zero_stage: int
+    ds_config: dict
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def partitioned_grads(self) -> bool:
+        """Whether each rank's optimizer sees a disjoint part of the gradients."""
+        return self.zero_stage >= 1 or self.dtype != torch.float32
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        if self.world_size > 1:
+            ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            dist.all_reduce(tensor, op=ops[op])
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def resolve_precision(requested: str) -> torch.dtype:
+    """bf16 on GPUs that support it (and when asked), fp32 otherwise."""
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if requested == "bf16" or (requested == "auto" and cuda_bf16):
+        return torch.bfloat16
+    return torch.float32
+
+
+def deepspeed_template(stage: int, offload_optimizer: bool, offload_params: bool) -> Path:
+    name = f"zero{stage}" + ("-offload" if offload_optimizer or offload_params else "")
+    return CONFIG_ROOT / "deepspeed" / f"{name}.json"
+
+
+def deepspeed_config(cfg: RunConfig, dtype: torch.dtype, world_size: int) -> dict:
+    """The DeepSpeed config of this run: a template from configs/deepspeed/ (the one the
+    accelerate config names, if launched with one) completed from the run config."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none":
+        d = cfg.dist
+        path = deepspeed_template(d.zero_stage, d.offload_optimizer, d.offload_params)
+    ds = json.loads(Path(path).read_text())
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", "auto") == "auto":
+        zero["stage"] = cfg.dist.zero_stage
+    if cfg.dist.offload_optimizer and zero["stage"] >= 1:
+        zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
+    if cfg.dist.offload_params and zero["stage"] == 3:
+        zero.setdefault("offload_param", {"device": "cpu", "pin_memory": True})
+    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        train_batch_size=cfg.train.global_batch_size,
+        # Clipping happens in our optimizer's step (launcher/optim.py), the same for all stages.
+        gradient_clipping=0.0,
+        bf16={"enabled": dtype == torch.bfloat16},
+        fp16={"enabled": False},
+        zero_allow_untested_optimizer=True,
+        zero_force_ds_cpu_optimizer=False,
+        steps_per_print=2**62,
+        wall_clock_breakdown=False,
+    )
+    if zero["stage"] == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    return ds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
+    """Create the Accelerator (and the process group) for this process.
+
+    Raises ``RuntimeError`` when the world it joined is not the one the config was checked
+    for (the classic symptom of launching without the right backend).
+    """
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if "WORLD_SIZE" not in os.environ:  # a single process started directly: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world_size = int(os.environ["WORLD_SIZE"])
+    dtype = resolve_precision(cfg.train.precision)
+    ds = deepspeed_config(cfg, dtype, world_size)
+    cuda = torch.cuda.is_available()
+    handlers = [
+        InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    ]
+    accelerator = Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
+        gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+        mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+        kwargs_handlers=handlers,
+        log_with=log_with,
+        project_dir=str(cfg.run_dir),
+    )
+    if accelerator.num_processes != cfg.dist.world_size:
+        raise RuntimeError(
+            f"this process joined a world of {accelerator.num_processes} processes but the "
+            f"config was validated for dist.num_processes x dist.num_nodes = "
+            f"{cfg.dist.world_size}; launch with `python -m launcher STAGE CONFIG --nproc N`"
+        )
+    return Runtime(
+        accelerator=accelerator,
+        rank=accelerator.process_index,
+        local_rank=accelerator.local_process_index,
+        world_size=accelerator.num_processes,
+        device=accelerator.device,
+        dtype=dtype,
+        zero_stage=int(ds["zero_optimization"]["stage"]),
+        ds_config=ds,
+    )
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Per-rank streams (dropout differs across ranks; model init is seeded separately)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)

@@ -1,0 +1,71 @@
+"""The contract between a stage and the loop.
+
+A stage (pretraining, SFT, reward model, DPO, ...) says *what* to train: the model and its
+optimizer groups, an endless resumable stream of micro-batches, the loss of one micro-batch,
+and how to evaluate. The loop (``launcher/loop.py``) says *how*: devices, DeepSpeed,
+accumulation, clipping, schedule, skips, logging, evaluation cadence, checkpoints. A task never
+calls DeepSpeed, writes files or parses the command line; it reports extra metrics with
+``launcher.metrics.record``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from launcher.optim import param_groups
+from launcher.run_config import RunConfig
+from launcher.runtime import Runtime
+
+
+class Task(ABC):
+    def __init__(self, cfg: RunConfig, runtime: Runtime):
+        self.cfg, self.runtime = cfg, runtime
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model to train, on CPU or meta, identical on every rank."""
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer groups; a group may carry ``lr_scale`` (layer-wise learning rates)."""
+        return param_groups(model, self.cfg.optim.weight_decay)
+
+    @abstractmethod
+    def train_batches(self) -> Iterable[dict[str, torch.Tensor]]:
+        """This rank's endless stream of micro-batches; it has ``state_dict``/``load_state_dict``
+        so that a checkpoint can resume it exactly."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss of one micro-batch (a scalar with a graph)."""
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens of a micro-batch counted for throughput and ``train.max_tokens``."""
+        return int(batch["input_ids"].numel())
+
+    def flops_per_token(self) -> float | None:
+        """Training FLOPs per token, for MFU (None: not reported)."""
+        return None
+
+    def on_log(self) -> None:
+        """Called on every rank before metrics are written: ``record`` stage counters here."""
+        return None
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics (computed on every rank, reduced by the task). Default: none."""
+        return {}
+
+    def export(self, model: nn.Module, state_dict: dict | None, out: Path) -> None:
+        """Write the trained model as a plain HF directory (main rank only)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export its model")
+
+    def state_dict(self) -> dict:
+        """Anything else the task must resume (e.g. a KL controller)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None

@@ -1,0 +1,122 @@
+"""Pretraining as a task for the shared loop: next-token loss on the packed stream.
+
+Validation reports loss, perplexity and bits per byte: the summed token losses (nats) over the
+validation text divided by its UTF-8 bytes and by ln 2, so runs with different tokenizers
+compare.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.metrics import record
+from launcher.runtime import Runtime
+from launcher.task import Task
+from pretrain.config import PretrainConfig
+from pretrain.data.loader import StreamLoader
+from pretrain.data.sources import resolve_corpus
+from pretrain.data.validation import IGNORE, build_validation
+from pretrain.model import build_model, flops_per_token
+from pretrain.tokenizer import TextTokenizer
+
+
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask: causal, and no attention across packed documents."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones_like(same[0], dtype=torch.bool).tril()
+    allowed = same & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    kwargs = {}
+    if "segment_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+        kwargs["attention_mask"] = block_causal_mask(batch["segment_ids"], torch.float32)
+    return model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
+
+
+class PretrainTask(Task):
+    cfg: PretrainConfig
+
+    def __init__(self, cfg: PretrainConfig, runtime: Runtime):
+        super().__init__(cfg, runtime)
+        self.tokenizer = TextTokenizer.load(cfg.run_dir / "tokenizer")
+        self.corpus = resolve_corpus(cfg.data)
+        self.validation = build_validation(cfg.data, self.corpus, self.tokenizer)
+        self.loader: StreamLoader | None = None
+
+    def build_model(self) -> nn.Module:
+        tok = self.tokenizer
+        return build_model(
+            self.cfg.model,
+            seed=self.cfg.run.seed,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+        )
+
+    def train_batches(self) -> StreamLoader:
+        rt = self.runtime
+        self.loader = StreamLoader(
+            self.cfg.data,
+            self.tokenizer,
+            self.corpus,
+            batch_size=self.cfg.train.micro_batch_size,
+            seed=self.cfg.run.seed,
+            rank=rt.rank,
+            world_size=rt.world_size,
+        )
+        return self.loader
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = forward_logits(model, batch)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.cfg.model, self.cfg.data.seq_len)
+
+    def on_log(self) -> None:
+        if self.loader is None:
+            return
+        for name, value in self.loader.stats().items():
+            record(name, value, reduce="mean" if name.startswith("data/mix/") else "sum")
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation loss, perplexity and bits per byte over the whole validation set."""
+        rt = self.runtime
+        batches = self.validation.batches(rt.rank, rt.world_size, self.cfg.train.micro_batch_size)
+        if self.cfg.eval.max_batches is not None:
+            batches = batches[: self.cfg.eval.max_batches]
+        totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        for batch in batches:
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            logits = forward_logits(model, batch).float()
+            targets = batch["targets"].flatten()
+            nats = F.cross_entropy(
+                logits.flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum"
+            )
+            totals += torch.stack([nats.double(), (targets != IGNORE).sum().double()])
+        rt.all_reduce(totals)
+        nats, tokens = totals.tolist()
+        loss = nats / max(tokens, 1.0)
+        full = self.cfg.eval.max_batches is None
+        out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+        if full:  # bytes are known for the whole set only
+            out["eval/bits_per_byte"] = nats / self.validation.text_bytes / math.log(2)
+        return out
+
+    def export(self, model: nn.Module, state_dict: dict | None, out: Path) -> None:
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        self.tokenizer.save(out, model_max_length=self.cfg.model.max_seq_len)
+        model.generation_config.save_pretrained(out)
+
+    def state_dict(self) -> dict:
+        return {"data": self.loader.state_dict()} if self.loader is not None else {}
