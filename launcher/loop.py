@@ -93,7 +93,7 @@ class Trainer:
 
             base = DeepSpeedCPUAdam
         self.optimizer = build_optimizer(
-            self.task.param_groups(model), cfg.optim, partitioned=rt.partitioned_grads, base=base
+            self.task.param_groups(model), cfg.optim, own_clipping=rt.own_clipping, base=base
         )
         self.engine, _ = rt.accelerator.prepare(model, self.optimizer)
         if cfg.train.compile:
@@ -150,7 +150,11 @@ class Trainer:
             # and runs our optimizer (clip, or skip when the global norm is not finite).
             with self.timer.phase("optimizer" if last else "forward_backward"):
                 self.engine.step()
-        skipped = opt.last_skipped if opt.step_called else True  # DeepSpeed skipped it itself
+        if rt.own_clipping:
+            skipped, grad_norm = opt.last_skipped, opt.last_grad_norm
+        else:  # DeepSpeed clipped, and skipped a non-finite step before reaching our optimizer
+            skipped = not opt.step_called
+            grad_norm = _as_float(self.engine.get_global_grad_norm())
         self.state.step += 1
         self.state.tokens += tokens * rt.world_size
         if skipped:
@@ -161,7 +165,7 @@ class Trainer:
             self.state.consecutive_skips = 0
         record("train/loss", torch.stack(losses).mean())
         record("train/lr", lr, reduce="last")
-        record("train/grad_norm", opt.last_grad_norm, reduce="max")
+        record("train/grad_norm", grad_norm, reduce="max")
         record("train/skipped_steps", float(skipped), reduce="max")
         if self.state.consecutive_skips >= self.cfg.train.max_consecutive_skips:
             raise TrainingError(
@@ -248,3 +252,9 @@ class Trainer:
         self.eval_results = {}
         self.last_logged = out
         return out
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if isinstance(value, torch.Tensor) else value)

@@ -1,13 +1,12 @@
 """The optimizer: AdamW parameter groups, clipping and the skip of non-finite steps, LR schedule.
 
-Clipping and the non-finite check live in the optimizer's own ``step()`` rather than in
-DeepSpeed's config: every ZeRO stage (0-3, with or without offload) ends by calling the
-wrapped torch optimizer's ``step()`` on the gradients of the parameters (or partitions) this
-rank owns, so one implementation serves all stages. The global gradient norm is the local
-norm all-reduced over ranks when gradients are partitioned (ZeRO >= 1 or bf16) and the local
-norm when they are replicated (ZeRO-0 in fp32). A NaN or inf anywhere makes that norm
-non-finite on every rank at once, so all ranks skip the same step: parameters and Adam moments
-stay exactly as they were.
+Who clips, and who skips a step whose gradient norm is NaN or inf, depends on the ZeRO stage:
+DeepSpeed's ZeRO optimizers (stages 1-3) and its bf16 optimizer compute the global norm over
+all partitions, clip, and skip a non-finite step themselves; they then call the wrapped torch
+optimizer once per parameter group (so a norm computed inside ``step()`` would see one group
+only). With ZeRO-0 in fp32 DeepSpeed calls our optimizer directly, with the full replicated
+gradients of every group, and keeps no norm: then ``SkipNonFinite`` clips and skips. Either
+way a skipped step leaves parameters and Adam moments exactly as they were, on every rank.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from launcher.run_config import OptimSection, ScheduleSection
@@ -36,14 +34,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class SkipNonFinite:
-    """Mixin for a torch optimizer: clip by the global norm, skip the step if it is not finite.
-
-    ``partitioned``: each rank holds a disjoint part of the gradients (so norms add up over
-    ranks). After ``step()``: ``last_grad_norm`` (pre-clip, a float), ``last_skipped``.
-    """
+    """Mixin for a torch optimizer. With ``own_clipping`` (ZeRO-0 fp32): clip by the global
+    norm and skip the step when it is not finite; ``last_grad_norm`` is the pre-clip norm.
+    ``step_called`` tells the loop whether DeepSpeed got as far as the optimizer."""
 
     max_norm: float | None = None
-    partitioned: bool = False
+    own_clipping: bool = False
     last_grad_norm: float = float("nan")
     last_skipped: bool = False
     skipped_steps: int = 0
@@ -52,6 +48,8 @@ class SkipNonFinite:
     @torch.no_grad()
     def step(self, *args, **kwargs):
         self.step_called = True
+        if not self.own_clipping:
+            return super().step(*args, **kwargs)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
         square = torch.zeros((), dtype=torch.float32, device=device)
@@ -60,8 +58,6 @@ class SkipNonFinite:
                 [g.float() if g.dtype != torch.float32 else g for g in grads]
             )
             square = torch.stack(norms).pow(2).sum()
-        if self.partitioned and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(square)
         norm = float(square.sqrt())  # the one sync point per optimizer step
         self.last_grad_norm = norm
         self.last_skipped = not math.isfinite(norm)
@@ -77,7 +73,7 @@ def build_optimizer(
     groups: list[dict],
     cfg: OptimSection,
     *,
-    partitioned: bool,
+    own_clipping: bool,
     base: type[torch.optim.Optimizer] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (or ``base``, e.g. DeepSpeed's CPU Adam for offload) with ``SkipNonFinite``."""
@@ -89,7 +85,7 @@ def build_optimizer(
         extra = {"fused": True} if _fused_ok(groups) else {"foreach": True}
     opt = cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **extra)
     opt.max_norm = cfg.grad_clip
-    opt.partitioned = partitioned
+    opt.own_clipping = own_clipping
     for g in opt.param_groups:
         g["base_lr"] = g.get("lr_scale", 1.0) * cfg.lr
     return opt

@@ -37,15 +37,17 @@ class Runtime:
     dtype: torch.dtype
     zero_stage: int
     ds_config: dict
+    env_set: tuple[str, ...] = ()
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
-    def partitioned_grads(self) -> bool:
-        """Whether each rank's optimizer sees a disjoint part of the gradients."""
-        return self.zero_stage >= 1 or self.dtype != torch.float32
+    def own_clipping(self) -> bool:
+        """ZeRO-0 in fp32: DeepSpeed hands our optimizer the full gradients and keeps no norm,
+        so the optimizer clips and skips itself (see launcher/optim.py)."""
+        return self.zero_stage == 0 and self.dtype == torch.float32
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         if self.world_size > 1:
@@ -55,6 +57,31 @@ class Runtime:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group and forget Accelerate's process-wide state, so that
+        another run can start in this process (tests, notebooks)."""
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _forget_deepspeed_groups()
+        for key in self.env_set:
+            os.environ.pop(key, None)
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals; a destroyed one must not be reused."""
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.isupper() and ("GROUP" in name or "WORLD" in name):
+            if isinstance(value, dict):
+                value.clear()
+            elif value is None or isinstance(value, dist.ProcessGroup):
+                setattr(groups, name, None)
 
 
 def resolve_precision(requested: str) -> torch.dtype:
@@ -90,8 +117,7 @@ def deepspeed_config(cfg: RunConfig, dtype: torch.dtype, world_size: int) -> dic
         train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
         gradient_accumulation_steps=accum,
         train_batch_size=cfg.train.global_batch_size,
-        # Clipping happens in our optimizer's step (launcher/optim.py), the same for all stages.
-        gradient_clipping=0.0,
+        gradient_clipping=cfg.optim.grad_clip or 0.0,
         bf16={"enabled": dtype == torch.bfloat16},
         fp16={"enabled": False},
         zero_allow_untested_optimizer=True,
@@ -101,6 +127,8 @@ def deepspeed_config(cfg: RunConfig, dtype: torch.dtype, world_size: int) -> dic
     )
     if zero["stage"] == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    if zero["stage"] == 0 and dtype == torch.float32:
+        ds["gradient_clipping"] = 0.0  # our optimizer clips (launcher/optim.py says why)
     return ds
 
 
@@ -119,10 +147,12 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import InitProcessGroupKwargs
 
+    env_set: tuple[str, ...] = ()
     if "WORLD_SIZE" not in os.environ:  # a single process started directly: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        single = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        single.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        env_set = tuple(k for k in single if k not in os.environ)
+        os.environ.update({k: single[k] for k in env_set})
     world_size = int(os.environ["WORLD_SIZE"])
     dtype = resolve_precision(cfg.train.precision)
     ds = deepspeed_config(cfg, dtype, world_size)
@@ -153,6 +183,7 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
         dtype=dtype,
         zero_stage=int(ds["zero_optimization"]["stage"]),
         ds_config=ds,
+        env_set=env_set,
     )
 
 

@@ -10,11 +10,13 @@ closed-form, so huge presets can be sized without building them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterable
 
 import torch
 from pydantic import Field
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from launcher.config import Section
@@ -179,7 +181,44 @@ def build_model(
     # transformers can silently fall back to eager attention; we rely on the fused kernel
     if model.config._attn_implementation != "sdpa":
         raise RuntimeError(f"model uses {model.config._attn_implementation!r} attention, not sdpa")
+    if seed is not None and torch.device(device or "cpu").type != "meta":
+        init_weights(model, cfg, seed)
     return model
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Llama's init (weights N(0, init_std), norms 1, padding row 0), each parameter from its
+    own generator seeded by (seed, name).
+
+    Why not the module's own init: the values must not depend on how the model was built.
+    Under ZeRO-3 transformers builds it inside ``deepspeed.zero.Init`` (partitioned as it is
+    created), which draws the random numbers in another order, and a GPU draws others than a
+    CPU; per-name CPU generators give the same weights for every stage, world and device.
+    """
+    pad = model.config.pad_token_id
+    for name, param in model.named_parameters():
+        digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        with _gathered(param):
+            if param.numel() == 0:  # a ZeRO-3 rank that does not modify: receives rank 0's
+                continue
+            if param.ndim == 1:
+                values = torch.ones(param.shape)
+            else:
+                values = torch.empty(param.shape).normal_(0.0, cfg.init_std, generator=generator)
+                if name.endswith("embed_tokens.weight") and pad is not None:
+                    values[pad] = 0.0
+            with torch.no_grad():
+                param.copy_(values.to(param.dtype))
+
+
+def _gathered(param: torch.Tensor):
+    """The full parameter while in the block (ZeRO-3: gathered, written on rank 0)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    return contextlib.nullcontext()
 
 
 def _matmul_params(cfg: ModelConfig) -> int:
