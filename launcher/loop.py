@@ -199,16 +199,18 @@ class Trainer:
         self.engine.train()
         if self.runtime.is_main and getattr(self, "progress", None) is not None:
             self.progress.reset(total=self.horizon, initial=self.state.step)
-        while self.state.step < self.horizon:
-            self.train_step()
+        try:
+            while self.state.step < self.horizon:
+                self.train_step()
+                for callback in self.callbacks:
+                    callback.on_step_end(self)
+                if self._should_stop(started):
+                    log.info("stopping at step %d: %s", self.state.step, self.stop_reason)
+                    break
             for callback in self.callbacks:
-                callback.on_step_end(self)
-            if self._should_stop(started):
-                log.info("stopping at step %d: %s", self.state.step, self.stop_reason)
-                break
-        for callback in self.callbacks:
-            callback.on_fit_end(self)
-        self.metrics.close()
+                callback.on_fit_end(self)
+        finally:
+            self.metrics.close()
         return dict(self.last_logged)
 
     # ------------------------------------------------------------------------------ helpers
