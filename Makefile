@@ -22,9 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# The main job on the built-in default: no data, no GPU.
+# The main job on the built-in default: no data, no GPU. 2 processes, ZeRO-2.
 demo: setup
-	$(BIN)/python -m launcher prepare configs/pretrain/demo.yaml
+	$(BIN)/python -m launcher pretrain configs/pretrain/demo.yaml --nproc 2
 
 lint: setup
 	$(BIN)/ruff check .

@@ -244,12 +244,13 @@ class Trainer:
             "dist/world_size": float(rt.world_size),
             "dist/zero_stage": float(rt.zero_stage),
             "train/tokens_seen": float(self.state.tokens),
-            "throughput/tokens_per_s": tokens / interval,
-            "throughput/tokens_per_s_per_device": per_device,
         }
-        fpt = self.task.flops_per_token()
-        if fpt:
-            extra["throughput/mfu"] = mfu(per_device, fpt, self.peak)
+        if tokens:  # not for a line that only adds the final evaluation
+            extra["throughput/tokens_per_s"] = tokens / interval
+            extra["throughput/tokens_per_s_per_device"] = per_device
+            fpt = self.task.flops_per_token()
+            if fpt:
+                extra["throughput/mfu"] = mfu(per_device, fpt, self.peak)
         out = self.metrics.flush(self.state.step, extra={**extra, **self.eval_results})
         self.eval_results = {}
         self.last_logged = out
