@@ -187,3 +187,19 @@ def test_bits_per_byte_equals_an_independent_count_with_transformers(prepared, s
             text_bytes += sum(len(d.text.encode("utf-8")) for d in held)
     assert val.text_bytes == text_bytes
     assert reported == pytest.approx(nats / text_bytes / math.log(2), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_gives_the_same_losses(prepared, shared_data):
+    runs = []
+    for flag in ("false", "true"):
+        cfg = web_config(
+            prepared,
+            shared_data,
+            "run.name=a",
+            "train.max_steps=2",
+            f"train.activation_checkpointing={flag}",
+        )
+        train(cfg)
+        runs.append(losses(cfg))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
