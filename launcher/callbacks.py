@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from launcher import persist
 from launcher.loop import Callback, Trainer
 
 
@@ -42,6 +43,22 @@ class Log(Callback):
             trainer.log_now()
 
 
-def default_callbacks(trainer_cfg) -> list[Callback]:
-    """Evaluate before logging, so an evaluation lands in the same metrics line."""
-    return [Evaluate(trainer_cfg.eval.every), Log(trainer_cfg.metrics.log_every)]
+class Checkpoint(Callback):
+    """Save every ``every`` steps, and at the end (finished, stopped or out of time)."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if self.every and trainer.state.step % self.every == 0:
+            persist.save(trainer, "every")
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if trainer.last_saved_step != trainer.state.step:
+            persist.save(trainer, trainer.stop_reason or "end")
+
+
+def default_callbacks(cfg) -> list[Callback]:
+    """Evaluate before logging, so an evaluation lands in the same metrics line; checkpoint
+    last, so a checkpoint never misses what was logged before it."""
+    return [Evaluate(cfg.eval.every), Log(cfg.metrics.log_every), Checkpoint(cfg.checkpoint.every)]

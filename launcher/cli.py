@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from launcher.config import ConfigError, dump_config, load_config
 from launcher.errors import UserError
@@ -38,7 +40,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def export_main(argv: list[str]) -> int:
+    """`kiln export CHECKPOINT --out DIR [--dtype bf16|fp32]`."""
+    import torch
+
+    from launcher.checkpoint import read_manifest
+
+    parser = argparse.ArgumentParser(prog="kiln export", description=export_main.__doc__)
+    parser.add_argument("checkpoint", help="a checkpoint folder (runs/<name>/checkpoints/step-N)")
+    parser.add_argument("--out", required=True, help="the HF model directory to write")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    args = parser.parse_args(argv)
+    _configure_logging()
+    folder = Path(args.checkpoint)
+    try:
+        stage = find_stage(read_manifest(folder)["meta"].get("stage", "pretrain"))
+        if stage.export is None:
+            raise UserError(f"stage {stage.name} has no export")
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        stage.export(folder, Path(args.out), dtype)
+    except (UserError, KeyError) as exc:
+        print(f"kiln export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"[kiln] exported {folder} -> {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     args = build_parser().parse_intermixed_args(argv)
     try:
         stage = find_stage(args.stage)
@@ -74,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[kiln] {render(command)}", flush=True)
         if args.dry_run:
             return 0
-        return subprocess.call(command, env=launch_env())
+        return run_forwarding_signals(command)
     if args.dry_run:
         print(f"[kiln] would run stage {args.stage} in this process")
         return 0
@@ -85,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_forwarding_signals(command: list[str]) -> int:
+    """Run the launcher; a SIGTERM/SIGUSR1/SIGINT sent to us goes to it (and on to every
+    worker, see launch_env), instead of killing us and orphaning the job."""
+    proc = subprocess.Popen(command, env=launch_env())
+    previous = {
+        sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum))
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    }
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _configure_logging() -> None:

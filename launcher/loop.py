@@ -9,13 +9,16 @@ all-reduced gradient norm, and stop requests (time budget, signals) are all-redu
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from launcher import persist, snapshot
 from launcher.errors import UserError
 from launcher.flops import mfu, peak_flops
 from launcher.metrics import (
@@ -30,6 +33,7 @@ from launcher.metrics import (
 from launcher.optim import build_optimizer, lr_factor, set_lr
 from launcher.run_config import RunConfig
 from launcher.runtime import Runtime
+from launcher.signals import StopOnSignal
 from launcher.task import Task
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,8 @@ class Trainer:
         self.timer = StepTimer(sync=runtime.device.type == "cuda")
         self.eval_results: dict[str, float] = {}
         self.last_logged: dict[str, float] = {}
+        self.resumed_from: Path | None = None
+        self.last_saved_step = -1
         self.stop_reason: str | None = None
         self._stop_requested = False
 
@@ -98,11 +104,16 @@ class Trainer:
         self.engine, _ = rt.accelerator.prepare(model, self.optimizer)
         if cfg.train.compile:
             self.engine.compile()
-        self.batches: Iterator = iter(self.task.train_batches())
+        self.loader = self.task.train_batches()
+        self.batches: Iterator | None = None  # workers start at the first batch, after resume
         self.accum = cfg.grad_accum_steps
         tokens_per_step = cfg.train.global_batch_size * self._seq_len_hint()
         self.horizon = cfg.train.horizon(tokens_per_step)
         self.peak, self.peak_source = peak_flops(rt.device, rt.dtype, cfg.metrics.peak_flops)
+        snapshot.ensure_moments(self.optimizer, self.engine)
+        self.resumed_from = persist.resume(self)
+        if self.resumed_from is None and rt.is_main:
+            _set_aside(self.cfg.run_dir / "metrics.jsonl")  # a fresh run: its own metrics file
         self.metrics = Metrics(
             run_dir=cfg.run_dir,
             is_main=rt.is_main,
@@ -182,19 +193,28 @@ class Trainer:
 
     def _should_stop(self, started: float) -> bool:
         """One tiny all-reduce per step so that all ranks stop at the same step."""
-        budget = self.cfg.train.max_time
-        local = self._stop_requested or (budget is not None and time.time() - started >= budget)
-        flag = torch.tensor([float(local)], device=self.runtime.device)
+        budget, stop_after = self.cfg.train.max_time, self.cfg.train.stop_after
+        if budget is not None and time.time() - started >= budget:
+            self.request_stop("time budget")
+        if stop_after is not None and self.state.step - self._first_step >= stop_after:
+            self.request_stop(f"train.stop_after={stop_after}")
+        flag = torch.tensor([float(self._stop_requested)], device=self.runtime.device)
         self.runtime.all_reduce(flag, "max")
-        if flag.item() and not self.stop_reason:
-            self.stop_reason = "time budget" if not self._stop_requested else "stop requested"
-        return bool(flag.item())
+        stop = bool(flag.item())
+        if stop and self.stop_reason is None:
+            self.stop_reason = "stop requested on another rank"
+        return stop
 
     # --------------------------------------------------------------------------------- fit
 
     def fit(self) -> dict[str, float]:
         """Train to the horizon (or a stop); evaluate at the end; return the last metrics."""
         started = self._last_log_time = time.time()
+        self.batches = iter(self.loader)
+        self._first_step = self.state.step
+        (self.cfg.run_dir / PREEMPTED).unlink(missing_ok=True)
+        signals = StopOnSignal()
+        signals.install(lambda name: self.request_stop(f"signal {name}"))
         self._last_log_tokens, self._last_log_step = self.state.tokens, self.state.step
         self.engine.train()
         if self.runtime.is_main and getattr(self, "progress", None) is not None:
@@ -209,7 +229,10 @@ class Trainer:
                     break
             for callback in self.callbacks:
                 callback.on_fit_end(self)
+            if self.stop_reason and self.state.step < self.horizon and self.runtime.is_main:
+                _mark_preempted(self)
         finally:
+            signals.uninstall()
             self.metrics.close()
         return dict(self.last_logged)
 
@@ -255,6 +278,25 @@ class Trainer:
         self.eval_results = {}
         self.last_logged = out
         return out
+
+
+PREEMPTED = "PREEMPTED"
+"""In the run directory while the run stopped early and can resume (launchers turn worker
+exit codes into 1, so a file tells the batch script to requeue)."""
+
+
+def _mark_preempted(trainer: Trainer) -> None:
+    info = {"step": trainer.state.step, "reason": trainer.stop_reason, "time": time.time()}
+    info["checkpoint"] = str(trainer.cfg.run_dir / "checkpoints" / f"step-{trainer.state.step:08d}")
+    (trainer.cfg.run_dir / PREEMPTED).write_text(json.dumps(info) + "\n")
+    log.warning(
+        "run stopped at step %d (%s); resume with the same command", info["step"], info["reason"]
+    )
+
+
+def _set_aside(path: Path) -> None:
+    if path.exists():
+        path.rename(path.with_name(f"{path.stem}-{int(path.stat().st_mtime)}{path.suffix}"))
 
 
 def _as_float(value) -> float:

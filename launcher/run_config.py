@@ -39,6 +39,9 @@ class TrainSection(Section):
     max_tokens: int | None = Field(None, gt=0)
     """Stop after this many training tokens instead, if that comes first (the schedule then
     ends there too)."""
+    stop_after: int | None = Field(None, gt=0)
+    """Stop (saving a checkpoint, marked resumable) after this many steps of this launch; the
+    schedule still runs to max_steps (like Megatron's exit interval: fixed-length job slots)."""
     max_time: float | None = Field(None, gt=0)
     """Stop (saving a checkpoint) after this wall time: seconds, or "90m", "2h", "1.5d"."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -113,6 +116,20 @@ class EvalSection(Section):
     """Evaluate on at most this many batches per rank (null: the whole validation set)."""
 
 
+class CheckpointSection(Section):
+    every: int | None = Field(500, gt=0)
+    """Save every this many steps (and always at the end and when stopped early)."""
+    keep_last: int = Field(2, gt=0)
+    """Keep the newest this many checkpoints (older ones are deleted after a save succeeds)."""
+    keep_every: int | None = Field(None, gt=0)
+    """Also keep, for good, every checkpoint whose step is a multiple of this."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint of this run, or start fresh (saying
+    so); must: fail if there is none; none: start fresh; or a checkpoint directory path."""
+    verify: bool = True
+    """Check every file against the manifest's SHA-256 before loading."""
+
+
 class RunConfig(Section):
     """The stage-independent part of every run config; stages subclass it."""
 
@@ -123,6 +140,7 @@ class RunConfig(Section):
     dist: DistSection = DistSection()
     eval: EvalSection = EvalSection()
     metrics: MetricsConfig = MetricsConfig()
+    checkpoint: CheckpointSection = CheckpointSection()
 
     @property
     def run_dir(self) -> Path:

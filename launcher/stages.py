@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from launcher.run_config import RunConfig
@@ -25,6 +26,8 @@ class Stage:
     help: str = ""
     distributed: bool = False
     """Runs in several processes (through `accelerate launch`) when asked for."""
+    export: Callable[[Path, Path, Any], Any] | None = None
+    """Checkpoint folder -> plain HF directory (`kiln export`)."""
 
 
 def stage_names() -> list[str]:

@@ -23,6 +23,9 @@ from launcher.runtime import Runtime
 
 
 class Task(ABC):
+    name: str = ""
+    """The stage this task belongs to (recorded in checkpoints, for `kiln export`)."""
+
     def __init__(self, cfg: RunConfig, runtime: Runtime):
         self.cfg, self.runtime = cfg, runtime
 
@@ -63,9 +66,16 @@ class Task(ABC):
         """Write the trained model as a plain HF directory (main rank only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot export its model")
 
+    def save_extras(self, folder: Path) -> list[str]:
+        """Main rank: files that make a checkpoint self-contained (e.g. the tokenizer);
+        returns their names relative to ``folder``."""
+        return []
+
     def state_dict(self) -> dict:
-        """Anything else the task must resume (e.g. a KL controller)."""
+        """This rank's resumable task state (the data stream, a KL controller...), JSON-safe."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, states: list[dict]) -> None:
+        """The saved ``state_dict()`` of every rank of the run that saved (its world size may
+        differ from this one's)."""
         return None

@@ -8,6 +8,7 @@ compare.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 
 class PretrainTask(Task):
+    name = "pretrain"
     cfg: PretrainConfig
 
     def __init__(self, cfg: PretrainConfig, runtime: Runtime):
@@ -118,5 +120,16 @@ class PretrainTask(Task):
         self.tokenizer.save(out, model_max_length=self.cfg.model.max_seq_len)
         model.generation_config.save_pretrained(out)
 
+    def save_extras(self, folder: Path) -> list[str]:
+        shutil.copytree(self.cfg.run_dir / "tokenizer", folder / "tokenizer")
+        return sorted(
+            str(p.relative_to(folder)) for p in (folder / "tokenizer").rglob("*") if p.is_file()
+        )
+
     def state_dict(self) -> dict:
         return {"data": self.loader.state_dict()} if self.loader is not None else {}
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        if self.loader is None:
+            raise RuntimeError("load the task state after train_batches() made the loader")
+        self.loader.load_state_dict([s["data"] for s in states])

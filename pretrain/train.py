@@ -9,6 +9,7 @@ from launcher.loop import Trainer
 from launcher.runtime import build_runtime, seed_everything
 from launcher.stages import Stage
 from pretrain.config import PretrainConfig
+from pretrain.export import export_checkpoint
 from pretrain.prepare import prepare_inputs
 from pretrain.task import PretrainTask
 
@@ -50,4 +51,5 @@ STAGE = Stage(
     run=pretrain,
     help="pretrain the decoder on the configured corpus",
     distributed=True,
+    export=export_checkpoint,
 )

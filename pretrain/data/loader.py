@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 
@@ -50,6 +51,9 @@ class _ReaderDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        if info is not None:  # a stop signal is the trainer's to handle; it shuts us down
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
         reader = ReaderStream(self.corpus, self.cfg, self.tokenizer, self.seed, self.states[worker])
         # numpy, not tensors: a tensor crosses processes as a shared-memory file descriptor,
         # a round trip per tensor that cost more than pickling the few kB of a batch.

@@ -44,6 +44,7 @@ def web_config(root, shared_data, *overrides: str) -> PretrainConfig:
             "eval.every=null",
             "train.max_steps=3",
             "schedule.warmup_steps=1",
+            "checkpoint.resume=none",
             *overrides,
         ],
     )

@@ -1,0 +1,172 @@
+"""Checkpoint directories: atomic, verified, kept or pruned. The mechanism, not the decision.
+
+A checkpoint is ``checkpoints/step-00001000/``. It is written as ``step-00001000.tmp/`` by
+every rank, then rank 0 writes ``manifest.json`` (every file with its size and SHA-256, the
+hashes computed by the ranks that wrote the files, and a hash of the manifest itself), renames
+the folder, and only then moves the ``latest`` pointer and deletes old checkpoints. A folder
+without a valid manifest is never loaded; ``find_resumable`` walks back to the newest one that
+verifies and says why it skipped the others. (DeepSpeed writes shards straight to their final
+paths, Accelerate deletes the oldest checkpoint before writing the new one, and
+torch.distributed.checkpoint loads a flipped byte without complaint: ../shared/NOTES.md.)
+
+Nothing here unpickles: tensors are safetensors, metadata JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_CHUNK = 8 << 20
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be loaded (incomplete, corrupt, tampered, missing)."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """Make a file's content (or a directory's entries) durable before we rely on it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def describe_files(folder: Path, names: list[str]) -> dict[str, dict]:
+    """Size and SHA-256 of files this rank wrote (relative names), fsynced first."""
+    out = {}
+    for name in names:
+        path = folder / name
+        fsync_path(path)
+        out[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
+
+
+def _manifest_digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def commit(tmp: Path, final: Path, files: dict[str, dict], meta: dict) -> None:
+    """Rank 0, after every rank finished writing: manifest, rename, then the pointer."""
+    body = {"files": files, "meta": meta}
+    manifest = {**body, "manifest_sha256": _manifest_digest(body)}
+    path = tmp / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    fsync_path(path)
+    fsync_path(tmp)
+    if final.exists():  # an older save of the same step (a re-run): replace it whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_path(final.parent)
+    pointer = final.parent / "latest.tmp"
+    pointer.write_text(final.name + "\n")
+    pointer.replace(final.parent / "latest")
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a checkpoint, checked against its own hash (``CheckpointError``)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not complete)")
+    try:
+        manifest = json.loads(path.read_text())
+        body = {"files": manifest["files"], "meta": manifest["meta"]}
+        recorded = manifest["manifest_sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a valid manifest ({exc})") from None
+    if _manifest_digest(body) != recorded:
+        raise CheckpointError(f"{path}: the manifest was modified after it was written")
+    return manifest
+
+
+def verify(
+    folder: Path, manifest: dict, names: list[str] | None = None, hashes: bool = True
+) -> None:
+    """Check files (all, or ``names``) against the manifest; ``CheckpointError`` names the file."""
+    for name in names if names is not None else sorted(manifest["files"]):
+        want = manifest["files"][name]
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(
+                f"{path}: {size} bytes, the manifest says {want['bytes']} (truncated?)"
+            )
+        if hashes and sha256_file(path) != want["sha256"]:
+            raise CheckpointError(
+                f"{path}: SHA-256 differs from the manifest (corrupted or modified)"
+            )
+
+
+@dataclass(frozen=True)
+class Found:
+    folder: Path
+    step: int
+    skipped: tuple[str, ...]
+    """Why newer folders were not used."""
+
+
+def candidates(root: Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoint folders, newest first (``*.tmp`` never appear here)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def find_resumable(root: Path, check: Callable[[Path], None]) -> Found | None:
+    """The newest checkpoint under ``root`` that passes ``check`` (which raises
+    ``CheckpointError`` with a reason), or None."""
+    skipped: list[str] = []
+    for step, folder in candidates(root):
+        try:
+            check(folder)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        return Found(folder, step, tuple(skipped))
+    if skipped:
+        log.warning("no usable checkpoint under %s: %s", root, "; ".join(skipped))
+    return None
+
+
+def prune(root: Path, keep_last: int, keep_every: int | None, protect: set[Path]) -> list[Path]:
+    """Delete old checkpoints (after a successful save); never ``protect``ed ones, never the
+    newest ``keep_last``, never multiples of ``keep_every``. Stale ``.tmp`` folders go too."""
+    removed = []
+    for i, (step, folder) in enumerate(candidates(root)):
+        keep = i < keep_last or (keep_every and step % keep_every == 0)
+        if keep or folder.resolve() in {p.resolve() for p in protect}:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    for tmp in root.glob("step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return removed

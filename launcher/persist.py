@@ -1,0 +1,198 @@
+"""Saving and resuming a run: every rank's part, in order, with the collectives in between.
+
+``save`` writes a checkpoint of the trainer (weights and moments, loop counters, the task's
+state — the data stream — and RNG of every rank) through ``launcher.checkpoint``'s atomic
+folder protocol. ``resume`` applies ``checkpoint.resume`` (auto / must / none / a path): it
+finds the newest checkpoint that verifies, every rank checking a share of the files, and loads
+it even if it was written by another world size or ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
+import yaml
+
+from launcher import snapshot
+from launcher.checkpoint import (
+    CheckpointError,
+    commit,
+    describe_files,
+    find_resumable,
+    prune,
+    read_manifest,
+    step_dir,
+    verify,
+)
+
+if TYPE_CHECKING:
+    from launcher.loop import Trainer
+
+log = logging.getLogger(__name__)
+DELAY_ENV = "KILN_CHECKPOINT_DELAY"
+"""Seconds to sleep inside every save (fault-injection for tests of slow saves and crashes)."""
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def checkpoint_root(trainer: Trainer) -> Path:
+    return trainer.cfg.run_dir / "checkpoints"
+
+
+def save(trainer: Trainer, reason: str) -> Path:
+    """Write a checkpoint of the current step on every rank; returns its folder."""
+    rt, cfg, step = trainer.runtime, trainer.cfg, trainer.state.step
+    root = checkpoint_root(trainer)
+    tmp, final = root / f"step-{step:08d}.tmp", step_dir(root, step)
+    started = time.time()
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died here before
+        tmp.mkdir(parents=True)
+    rt.barrier()
+    model = trainer.engine.module
+    written = snapshot.save_weights(
+        model, trainer.optimizer, trainer.engine, tmp, rt.rank, rt.world_size
+    )
+    written += snapshot.save_rng(tmp, rt.rank)
+    part = f"rank-{rt.rank:05d}.json"
+    (tmp / part).write_text(json.dumps({"task": trainer.task.state_dict()}))
+    written.append(part)
+    if rt.is_main:
+        meta_trainer = {
+            "train_state": trainer.state.state_dict(),
+            "adam_step": snapshot.adam_step(trainer.optimizer, trainer.engine),
+        }
+        (tmp / "trainer.json").write_text(json.dumps(meta_trainer, indent=1))
+        written.append("trainer.json")
+        if (cfg.run_dir / "config.yaml").is_file():
+            shutil.copy(cfg.run_dir / "config.yaml", tmp / "config.yaml")
+            written.append("config.yaml")
+        written += trainer.task.save_extras(tmp)
+    if float(os.environ.get(DELAY_ENV, "0")) > 0:
+        time.sleep(float(os.environ[DELAY_ENV]))
+    files: dict[str, dict] = {}
+    for share in _gather(describe_files(tmp, written), rt.world_size):
+        files.update(share)
+    if rt.is_main:
+        meta = {
+            "step": step,
+            "stage": trainer.task.name,
+            "reason": reason,
+            "world_size": rt.world_size,
+            "zero_stage": rt.zero_stage,
+            "dtype": str(rt.dtype),
+            "config_fingerprint": cfg.fingerprint(),
+            "saved_at": time.time(),
+        }
+        commit(tmp, final, files, meta)
+        protect = {trainer.resumed_from} if trainer.resumed_from else set()
+        c = cfg.checkpoint
+        removed = prune(root, c.keep_last, c.keep_every, protect | {final})
+        log.info(
+            "saved %s (%s) in %.1fs%s",
+            final,
+            reason,
+            time.time() - started,
+            f"; removed {', '.join(p.name for p in removed)}" if removed else "",
+        )
+    rt.barrier()
+    trainer.last_saved_step = step
+    return final
+
+
+def _check(folder: Path, trainer: Trainer) -> None:
+    """Raise ``CheckpointError`` on every rank if any rank finds a problem in its share."""
+    rt = trainer.runtime
+    problem = None
+    try:
+        manifest = read_manifest(folder)
+        names = sorted(manifest["files"])[rt.rank :: rt.world_size]
+        verify(folder, manifest, names, hashes=trainer.cfg.checkpoint.verify)
+    except CheckpointError as exc:
+        problem = str(exc)
+    problems = [p for p in _gather(problem, rt.world_size) if p]
+    if problems:
+        raise CheckpointError(problems[0])
+
+
+def resume(trainer: Trainer) -> Path | None:
+    """Load the checkpoint ``checkpoint.resume`` asks for; returns it (None: fresh start).
+
+    Raises ``CheckpointError`` for ``must`` without a checkpoint or an unusable given path."""
+    mode, root = trainer.cfg.checkpoint.resume, checkpoint_root(trainer)
+    if mode == "none":
+        log.info("checkpoint.resume=none: starting fresh")
+        return None
+    if mode in ("auto", "must"):
+        found = find_resumable(root, lambda folder: _check(folder, trainer))
+        if found is None:
+            if mode == "must":
+                raise CheckpointError(
+                    f"checkpoint.resume=must but {root} holds no usable checkpoint"
+                )
+            log.info("no checkpoint under %s: starting fresh", root)
+            return None
+        for reason in found.skipped:
+            log.warning("not resuming from a newer checkpoint: %s", reason)
+        folder = found.folder
+    else:
+        folder = Path(mode)
+        _check(folder, trainer)
+    load(trainer, folder)
+    return folder
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def _changed_settings(saved_config: Path, current: dict) -> str:
+    if not saved_config.is_file():
+        return ""
+    before, after = _flat(yaml.safe_load(saved_config.read_text())), _flat(current)
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in keys)
+
+
+def load(trainer: Trainer, folder: Path) -> None:
+    rt = trainer.runtime
+    manifest = read_manifest(folder)
+    meta = manifest["meta"]
+    if rt.is_main and meta["config_fingerprint"] != trainer.cfg.fingerprint():
+        changed = _changed_settings(folder / "config.yaml", trainer.cfg.model_dump(mode="json"))
+        log.warning("resuming %s with changed settings: %s", folder, changed or "unknown")
+    saved = json.loads((folder / "trainer.json").read_text())
+    snapshot.load_weights(trainer.engine.module, trainer.optimizer, trainer.engine, folder)
+    snapshot.set_adam_step(trainer.optimizer, trainer.engine, saved["adam_step"])
+    trainer.state.load_state_dict(saved["train_state"])
+    parts = [
+        json.loads((folder / f"rank-{r:05d}.json").read_text()) for r in range(meta["world_size"])
+    ]
+    trainer.task.load_state_dict([p["task"] for p in parts])
+    if meta["world_size"] == rt.world_size:
+        snapshot.load_rng(folder, rt.rank)
+    trainer.resumed_from = folder
+    log.info(
+        "resumed from %s: step %d (saved by %d ranks, ZeRO-%d; now %d ranks, ZeRO-%d)",
+        folder,
+        meta["step"],
+        meta["world_size"],
+        meta["zero_stage"],
+        rt.world_size,
+        rt.zero_stage,
+    )

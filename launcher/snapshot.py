@@ -1,0 +1,207 @@
+"""What a checkpoint holds, and how it gets out of (and back into) a DeepSpeed engine.
+
+The format does not depend on the ZeRO stage or the world size that wrote it: for every
+parameter (by name) the full fp32 master value and its Adam moments, gathered with DeepSpeed's
+``safe_get_full_*`` helpers and spread over ``model-<rank>-of-<world>.safetensors`` /
+``optimizer-...`` files (rank r writes the parameters i with i % world == r). Loading reads
+whatever it needs from whichever file holds it and sets the local partitions with
+``safe_set_full_*``: a checkpoint of ZeRO-3 on 2 ranks loads on 1 rank or under ZeRO-2 as is
+(this is our "consolidation", instead of DeepSpeed's own pickled shards plus a
+universal-checkpoint conversion). Per-rank files hold the data stream and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _uses_deepspeed_fragments(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return sorted(model.named_parameters())
+
+
+# ---------------------------------------------------------------------------- optimizer state
+
+
+def inner_states(optimizer: torch.optim.Optimizer, engine) -> list[tuple[torch.Tensor, dict, dict]]:
+    """(parameter, state, group) for every tensor the wrapped torch optimizer updates: the flat
+    fp32 partitions under ZeRO >= 1, the model parameters under ZeRO-0. (ZeRO-3 lends each
+    partition to a group only during its step, so they are taken from DeepSpeed itself.)"""
+    zero = getattr(engine, "optimizer", None)
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    if flats is not None:
+        groups = [optimizer.param_groups[zero.sub_group_to_group_id[i]] for i in range(len(flats))]
+        pairs = list(zip(flats, groups, strict=True))
+    else:
+        pairs = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    return [(p, optimizer.state[p], g) for p, g in pairs]
+
+
+def ensure_moments(optimizer: torch.optim.Optimizer, engine) -> None:
+    """Adam creates its moments at its first step, but DeepSpeed's ZeRO-1/2 link their
+    per-parameter views of the optimizer state just *before* that first step and never again,
+    so the views stay empty and the moments can never be read or set by name. Creating the
+    zeros (exactly what AdamW would create) before the first step, then linking, avoids that;
+    it also lets a checkpoint load into a fresh engine."""
+    created = False
+    for p, state, group in inner_states(optimizer, engine):
+        if "exp_avg" in state:
+            continue
+        on_device = group.get("fused") or group.get("capturable")
+        state["step"] = torch.zeros(
+            (), dtype=torch.float32, device=p.device if on_device else "cpu"
+        )
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        created = True
+    zero = getattr(engine, "optimizer", None)
+    if created and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def adam_step(optimizer: torch.optim.Optimizer, engine) -> float:
+    for _, state, _ in inner_states(optimizer, engine):
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def set_adam_step(optimizer: torch.optim.Optimizer, engine, step: float) -> None:
+    for _, state, _ in inner_states(optimizer, engine):
+        if "step" in state:
+            value = state["step"]
+            state["step"] = torch.full_like(value, step) if torch.is_tensor(value) else step
+
+
+def _full(param: nn.Parameter, optimizer, key: str | None) -> torch.Tensor:
+    """The full fp32 value (``key`` None) or Adam moment of a parameter; collective under ZeRO."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if _uses_deepspeed_fragments(param):
+        value = (
+            safe_get_full_fp32_param(param)
+            if key is None
+            else safe_get_full_optimizer_state(param, key)
+        )
+    else:
+        value = param.detach() if key is None else optimizer.state[param][key]
+    return value.detach().float().cpu().contiguous()
+
+
+def _set_full(param: nn.Parameter, optimizer, key: str | None, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if _uses_deepspeed_fragments(param):
+        value = value.to(torch.float32)
+        if key is None:
+            safe_set_full_fp32_param(param, value.to(_fp32_device(param)))
+            _set_model_weight(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value.to(_fp32_device(param)), key)
+        return
+    with torch.no_grad():
+        target = param if key is None else optimizer.state[param][key]
+        target.copy_(value.to(target.dtype))
+
+
+def _fp32_device(param: nn.Parameter) -> torch.device:
+    return param.device if param.device.type != "meta" else torch.device("cpu")
+
+
+def _set_model_weight(param: nn.Parameter, value: torch.Tensor) -> None:
+    """The (possibly bf16, possibly partitioned) weight the forward pass uses."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            if param.numel():
+                param.copy_(value.to(param.dtype))
+    else:
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+
+
+def save_weights(
+    model: nn.Module, optimizer, engine, folder: Path, rank: int, world: int
+) -> list[str]:
+    """Write this rank's share of every parameter and its moments; every rank must call it."""
+    ensure_moments(optimizer, engine)
+    weights, moments = {}, {}
+    for i, (name, param) in enumerate(named_parameters(model)):
+        values = {key: _full(param, optimizer, key) for key in (None, *MOMENTS)}
+        if i % world == rank:
+            weights[name] = values[None]
+            for key in MOMENTS:
+                moments[f"{name}::{key}"] = values[key]
+    suffix = f"{rank:05d}-of-{world:05d}.safetensors"
+    save_file(weights, str(folder / f"model-{suffix}"), metadata={"format": "kiln-fp32"})
+    save_file(moments, str(folder / f"optimizer-{suffix}"), metadata={"format": "kiln-adam"})
+    return [f"model-{suffix}", f"optimizer-{suffix}"]
+
+
+def load_weights(model: nn.Module, optimizer, engine, folder: Path) -> None:
+    """Set every parameter and its moments from a checkpoint of any stage or world size."""
+    ensure_moments(optimizer, engine)
+    where: dict[str, Path] = {}
+    for path in sorted(folder.glob("model-*.safetensors")) + sorted(
+        folder.glob("optimizer-*.safetensors")
+    ):
+        with safe_open(str(path), framework="pt") as f:
+            where.update({key: path for key in f.keys()})  # noqa: SIM118 (not a dict)
+    for name, param in named_parameters(model):
+        for key in (None, *MOMENTS):
+            stored = name if key is None else f"{name}::{key}"
+            if stored not in where:
+                raise KeyError(f"{folder}: no tensor {stored!r} (a checkpoint of another model?)")
+            with safe_open(str(where[stored]), framework="pt") as f:
+                value = f.get_tensor(stored)
+            _set_full(param, optimizer, key, value)
+
+
+# ------------------------------------------------------------------------------------ RNG state
+
+
+def save_rng(folder: Path, rank: int) -> list[str]:
+    """This rank's torch, numpy and Python random states (safetensors + JSON, no pickle)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, state, gauss = random.getstate()
+    meta = {
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(state), gauss],
+    }
+    name = f"rng-{rank:05d}"
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(meta))
+    return [f"{name}.safetensors", f"{name}.json"]
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    name = f"rng-{rank:05d}"
+    meta = json.loads((folder / f"{name}.json").read_text())
+    with safe_open(str(folder / f"{name}.safetensors"), framework="pt") as f:
+        torch.set_rng_state(f.get_tensor("torch_cpu"))
+        if torch.cuda.is_available() and "torch_cuda" in f.keys():  # noqa: SIM118
+            torch.cuda.set_rng_state(f.get_tensor("torch_cuda"))
+        keys = f.get_tensor("numpy_keys").numpy().astype(np.uint32)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, keys, pos, has_gauss, cached))
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
