@@ -1,0 +1,181 @@
+"""Resume for real: 2 ranks over gloo, stopped, crashed, corrupted, signalled, resized."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from .runs import alive, descendants, losses, metrics, rank_pids, run, start, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+ZERO3 = ["dist.zero_stage=3", "train.max_steps=20", "checkpoint.every=10"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def full(root):
+    """20 uninterrupted steps, ZeRO-3, 2 ranks, one DataLoader worker each."""
+    run(root, "full", *ZERO3)
+    return losses(root, "full")
+
+
+def weights_and_moments(folder: Path) -> dict:
+    out = {}
+    for path in sorted(folder.glob("model-*.safetensors")) + sorted(
+        folder.glob("optimizer-*.safetensors")
+    ):
+        out.update(load_file(str(path)))
+    return out
+
+
+def test_resume_after_a_stop_gives_losses_identical_to_an_uninterrupted_run(root, full):
+    run(root, "half", *ZERO3, "train.stop_after=10")
+    assert max(losses(root, "half")) == 10
+    assert (root / "half" / "PREEMPTED").exists()
+    run(root, "half", *ZERO3)
+    resumed = losses(root, "half")
+    assert sorted(resumed) == list(range(1, 21)) == sorted(full)
+    assert max(abs(resumed[s] - full[s]) for s in full) == 0.0
+    assert not (root / "half" / "PREEMPTED").exists()
+
+
+@pytest.mark.parametrize(("nproc", "stage"), [(1, 2), (2, 2)])
+def test_a_zero3_checkpoint_loads_exactly_on_another_world_size_and_stage(root, full, nproc, stage):
+    source = root / "full" / "checkpoints" / "step-00000010"
+    name = f"elastic-{nproc}x{stage}"
+    # Resuming at the horizon trains nothing and saves what it loaded: compare with the source.
+    run(
+        root,
+        name,
+        f"dist.zero_stage={stage}",
+        "train.max_steps=10",
+        f"checkpoint.resume={source}",
+        nproc=nproc,
+    )
+    saved, loaded = (
+        weights_and_moments(source),
+        weights_and_moments(root / name / "checkpoints" / "step-00000010"),
+    )
+    assert saved.keys() == loaded.keys() and len(saved) > 30
+    assert max((saved[k] - loaded[k]).abs().max().item() for k in saved) == 0.0
+    # ...and training goes on from there with the schedule at step 11.
+    shutil.rmtree(root / name)
+    run(
+        root,
+        name,
+        f"dist.zero_stage={stage}",
+        "train.max_steps=20",
+        f"checkpoint.resume={source}",
+        nproc=nproc,
+    )
+    lines = [m for m in metrics(root, name) if "train/loss" in m]
+    assert [m["step"] for m in lines] == list(range(11, 21))
+    reference = {m["step"]: m["train/lr"] for m in metrics(root, "full") if "train/lr" in m}
+    assert lines[0]["train/lr"] == pytest.approx(reference[11], rel=1e-9)
+
+
+def test_a_corrupted_newest_checkpoint_is_refused_and_auto_uses_the_previous(root, full):
+    shutil.copytree(root / "full", root / "corrupt")
+    (root / "corrupt" / "metrics.jsonl").unlink()
+    shard = next((root / "corrupt" / "checkpoints" / "step-00000020").glob("model-*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    done = run(root, "corrupt", *ZERO3, "train.max_steps=20")
+    log = done.stdout + done.stderr
+    assert f"{shard.name}: SHA-256 differs" in log
+    assert "resumed from" in log and "step-00000010" in log
+    assert losses(root, "corrupt") == {s: full[s] for s in range(11, 21)}
+
+
+@pytest.mark.parametrize("moment", range(5))
+def test_kill_9_of_one_rank_during_a_save_leaves_a_checkpoint_auto_resumes_from(root, moment):
+    rng = random.Random(moment)
+    name = f"kill-{moment}"
+    keep = "1" if moment % 2 else "2"
+    args = ["train.max_steps=30", "checkpoint.every=4", f"checkpoint.keep_last={keep}"]
+    # PET_SHUTDOWN_TIMEOUT: the surviving rank is stuck in a collective; don't wait 2 minutes
+    proc = start(root, name, *args, KILN_CHECKPOINT_DELAY="1.5", PET_SHUTDOWN_TIMEOUT="5")
+    ckpts = root / name / "checkpoints"
+    target = 4 * (2 + moment % 3)  # kill during the save at step 8, 12 or 16
+
+    def saving() -> bool:
+        return any(int(p.name[5:13]) >= target for p in ckpts.glob("step-*.tmp"))
+
+    wait_for(saving)
+    time.sleep(rng.uniform(0.0, 1.4))  # somewhere inside the save
+    victims = rank_pids(proc.pid)
+    assert len(victims) == 2
+    os.kill(rng.choice(victims), signal.SIGKILL)
+    proc.wait(timeout=120)
+    complete = sorted(p.name for p in ckpts.glob("step-????????"))
+    assert complete, "no complete checkpoint was left"
+    done = run(root, name, *args)
+    resumed = re.search(r"resumed from (\S+): step (\d+)", done.stdout + done.stderr)
+    assert resumed and Path(resumed.group(1)).name == complete[-1]  # the newest complete one
+    assert max(losses(root, name)) == 30
+
+
+def signal_run(root, name, target: str, delay: str = "0"):
+    """Start a 60-step run, signal it at step >= 10, wait for it to exit cleanly."""
+    args = [
+        "train.max_steps=60",
+        "checkpoint.every=1000",
+        "data.seq_len=256",
+        "train.global_batch_size=16",
+    ]
+    proc = start(root, name, *args, KILN_CHECKPOINT_DELAY=delay)
+    wait_for(lambda: max(losses(root, name), default=0) >= 10)
+    everyone = [proc.pid, *descendants(proc.pid)]
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2
+    targets = {"launcher": [proc.pid], "one rank": ranks[1:], "all ranks": ranks}[target]
+    for pid in targets:
+        os.kill(pid, signal.SIGUSR1)
+    proc.wait(timeout=300)
+    assert not alive(everyone), "processes left behind"
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root):
+    args = [
+        "train.max_steps=60",
+        "checkpoint.every=1000",
+        "data.seq_len=256",
+        "train.global_batch_size=16",
+    ]
+    run(root, "straight", *args)
+    return losses(root, "straight")
+
+
+@pytest.mark.parametrize(
+    ("target", "delay"),
+    [("launcher", "0"), ("one rank", "0"), ("all ranks", "0"), ("launcher", "35")],
+)
+def test_sigusr1_checkpoints_marks_preempted_and_resume_finishes_identically(
+    root, uninterrupted, target, delay
+):
+    name = f"sig-{target.replace(' ', '-')}-{delay}"
+    args = signal_run(root, name, target, delay)
+    marker = root / name / "PREEMPTED"
+    assert marker.exists()
+    stopped = max(losses(root, name))
+    assert 10 <= stopped < 60
+    assert (root / name / "checkpoints" / f"step-{stopped:08d}" / "manifest.json").exists()
+    run(root, name, *args)
+    assert not marker.exists()
+    final = losses(root, name)
+    assert max(final) == 60 and final[60] == uninterrupted[60]
