@@ -44,7 +44,8 @@ class Log(Callback):
 
 
 class Checkpoint(Callback):
-    """Save every ``every`` steps, and at the end (finished, stopped or out of time)."""
+    """Save every ``every`` steps, on demand (a ``SAVE_NOW`` file in the run directory), and
+    at the end (finished, stopped or out of time)."""
 
     def __init__(self, every: int | None):
         self.every = every
@@ -52,6 +53,8 @@ class Checkpoint(Callback):
     def on_step_end(self, trainer: Trainer) -> None:
         if self.every and trainer.state.step % self.every == 0:
             persist.save(trainer, "every")
+        elif trainer.save_requested:
+            persist.save(trainer, "on demand")
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if trainer.last_saved_step != trainer.state.step:

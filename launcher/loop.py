@@ -80,6 +80,7 @@ class Trainer:
         self.last_logged: dict[str, float] = {}
         self.resumed_from: Path | None = None
         self.last_saved_step = -1
+        self.save_requested = False
         self.stop_reason: str | None = None
         self._stop_requested = False
 
@@ -191,16 +192,23 @@ class Trainer:
         self._stop_requested = True
         self.stop_reason = self.stop_reason or reason
 
-    def _should_stop(self, started: float) -> bool:
-        """One tiny all-reduce per step so that all ranks stop at the same step."""
+    def _sync_control(self, started: float) -> bool:
+        """One tiny all-reduce per step, so that all ranks agree to stop (time budget,
+        stop_after, a signal on any rank) or to save now (a `SAVE_NOW` file in the run
+        directory) at the same step. Returns whether to stop."""
         budget, stop_after = self.cfg.train.max_time, self.cfg.train.stop_after
         if budget is not None and time.time() - started >= budget:
             self.request_stop("time budget")
         if stop_after is not None and self.state.step - self._first_step >= stop_after:
             self.request_stop(f"train.stop_after={stop_after}")
-        flag = torch.tensor([float(self._stop_requested)], device=self.runtime.device)
-        self.runtime.all_reduce(flag, "max")
-        stop = bool(flag.item())
+        save_now = self.runtime.is_main and (self.cfg.run_dir / SAVE_NOW).exists()
+        flags = torch.tensor(
+            [float(self._stop_requested), float(save_now)], device=self.runtime.device
+        )
+        self.runtime.all_reduce(flags, "max")
+        stop, self.save_requested = (bool(x) for x in flags.tolist())
+        if self.save_requested and self.runtime.is_main:
+            (self.cfg.run_dir / SAVE_NOW).unlink(missing_ok=True)
         if stop and self.stop_reason is None:
             self.stop_reason = "stop requested on another rank"
         return stop
@@ -222,9 +230,10 @@ class Trainer:
         try:
             while self.state.step < self.horizon:
                 self.train_step()
+                stop = self._sync_control(started)
                 for callback in self.callbacks:
                     callback.on_step_end(self)
-                if self._should_stop(started):
+                if stop:
                     log.info("stopping at step %d: %s", self.state.step, self.stop_reason)
                     break
             for callback in self.callbacks:
@@ -280,6 +289,8 @@ class Trainer:
         return out
 
 
+SAVE_NOW = "SAVE_NOW"
+"""Create this file in the run directory to get a checkpoint at the next step (on demand)."""
 PREEMPTED = "PREEMPTED"
 """In the run directory while the run stopped early and can resume (launchers turn worker
 exit codes into 1, so a file tells the batch script to requeue)."""

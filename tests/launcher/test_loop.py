@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from typing import ClassVar
 
 import pytest
@@ -204,3 +205,14 @@ def test_activation_checkpointing_gives_the_same_losses(prepared, shared_data):
         train(cfg)
         runs.append(losses(cfg))
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_save_now_file_gives_a_checkpoint_at_the_next_step(prepared, shared_data):
+    cfg = web_config(prepared, shared_data, "run.name=b", "checkpoint.every=100")
+    shutil.rmtree(cfg.run_dir / "checkpoints", ignore_errors=True)
+    (cfg.run_dir / "SAVE_NOW").touch()
+    train(cfg)
+    saved = sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("step-*"))
+    assert saved == ["step-00000001", "step-00000003"]  # on demand, then at the end
+    assert not (cfg.run_dir / "SAVE_NOW").exists()
