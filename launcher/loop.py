@@ -108,7 +108,7 @@ class Trainer:
         self.loader = self.task.train_batches()
         self.batches: Iterator | None = None  # workers start at the first batch, after resume
         self.accum = cfg.grad_accum_steps
-        tokens_per_step = cfg.train.global_batch_size * self._seq_len_hint()
+        tokens_per_step = cfg.train.global_batch_size * self.task.tokens_per_sequence()
         self.horizon = cfg.train.horizon(tokens_per_step)
         self.peak, self.peak_source = peak_flops(rt.device, rt.dtype, cfg.metrics.peak_flops)
         snapshot.ensure_moments(self.optimizer, self.engine)
@@ -123,10 +123,6 @@ class Trainer:
             sinks=self._sinks(),
         )
         self.metrics.activate()
-
-    def _seq_len_hint(self) -> int:
-        data = getattr(self.cfg, "data", None)
-        return getattr(data, "seq_len", 1)
 
     def _sinks(self) -> list:
         if not self.runtime.is_main:

@@ -50,6 +50,10 @@ class Task(ABC):
         """Tokens of a micro-batch counted for throughput and ``train.max_tokens``."""
         return int(batch["input_ids"].numel())
 
+    def tokens_per_sequence(self) -> int:
+        """Tokens of one training sequence (turns ``train.max_tokens`` into steps)."""
+        return 1
+
     def flops_per_token(self) -> float | None:
         """Training FLOPs per token, for MFU (None: not reported)."""
         return None

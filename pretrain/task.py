@@ -82,6 +82,9 @@ class PretrainTask(Task):
         logits = forward_logits(model, batch)
         return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
 
+    def tokens_per_sequence(self) -> int:
+        return self.cfg.data.seq_len
+
     def flops_per_token(self) -> float:
         return flops_per_token(self.cfg.model, self.cfg.data.seq_len)
 
