@@ -17,7 +17,15 @@ from pathlib import Path
 
 from launcher.config import ConfigError, dump_config, load_config
 from launcher.errors import UserError
-from launcher.launch import accelerate_command, in_worker, launch_env, render, world_overrides
+from launcher.launch import (
+    accelerate_command,
+    in_worker,
+    launch_env,
+    node_rank_from_env,
+    render,
+    world_overrides,
+)
+from launcher.network import socket_env
 from launcher.stages import find_stage, stage_names
 
 
@@ -33,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     parser.add_argument("--nproc", type=int, help="processes per node (sets dist.num_processes)")
     parser.add_argument("--nodes", type=int, help="number of nodes (sets dist.num_nodes)")
+    parser.add_argument(
+        "--node-rank", type=int, help="this node's rank (default: NODE_RANK or SLURM_NODEID)"
+    )
+    parser.add_argument("--main-addr", help="address of node 0 (default: MASTER_ADDR)")
+    parser.add_argument(
+        "--main-port", type=int, help="port on node 0 (default: MASTER_PORT or 29500)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
@@ -93,19 +108,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     d = config.dist
     if stage.distributed and d.world_size > 1 and not in_worker():
-        command = accelerate_command(
-            args.stage,
-            args.config,
-            list(args.overrides),
-            nproc=d.num_processes,
-            nodes=d.num_nodes,
-            zero_stage=d.zero_stage,
-            offload=d.offload_optimizer or d.offload_params,
-        )
-        print(f"[kiln] {render(command)}", flush=True)
+        main_addr = args.main_addr or os.environ.get("MASTER_ADDR")
+        rank = args.node_rank if args.node_rank is not None else node_rank_from_env()
+        try:
+            command = accelerate_command(
+                args.stage,
+                args.config,
+                list(args.overrides),
+                nproc=d.num_processes,
+                nodes=d.num_nodes,
+                zero_stage=d.zero_stage,
+                offload=d.offload_optimizer or d.offload_params,
+                node_rank=rank,
+                main_addr=main_addr,
+                main_port=args.main_port or int(os.environ.get("MASTER_PORT", 29500)),
+            )
+        except ValueError as exc:
+            print(f"kiln: {exc}", file=sys.stderr)
+            return 2
+        extra = socket_env(main_addr) if d.num_nodes > 1 else {}
+        shown = "".join(f"{k}={v} " for k, v in extra.items())
+        print(f"[kiln] {shown}{render(command)}", flush=True)
         if args.dry_run:
             return 0
-        return run_forwarding_signals(command)
+        return run_forwarding_signals(command, extra)
     if args.dry_run:
         print(f"[kiln] would run stage {args.stage} in this process")
         return 0
@@ -118,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_forwarding_signals(command: list[str]) -> int:
+def run_forwarding_signals(command: list[str], extra_env: dict[str, str] | None = None) -> int:
     """Run the launcher; a SIGTERM/SIGUSR1/SIGINT sent to us goes to it (and on to every
     worker, see launch_env), instead of killing us and orphaning the job."""
-    proc = subprocess.Popen(command, env=launch_env())
+    proc = subprocess.Popen(command, env=launch_env(extra_env))
     previous = {
         sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum))
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

@@ -26,6 +26,14 @@ def world_overrides() -> list[str]:
     return [f"dist.num_processes={local}", f"dist.num_nodes={max(1, world // local)}"]
 
 
+def node_rank_from_env() -> int:
+    """This node's rank: NODE_RANK, or Slurm's SLURM_NODEID (one task per node), else 0."""
+    for var in ("NODE_RANK", "SLURM_NODEID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def accelerate_command(
     stage: str,
     config: str,
@@ -35,33 +43,33 @@ def accelerate_command(
     nodes: int,
     zero_stage: int,
     offload: bool = False,
+    node_rank: int = 0,
+    main_addr: str | None = None,
+    main_port: int = 29500,
 ) -> list[str]:
-    """The `accelerate launch` command running ``stage`` on ``nproc`` processes per node."""
+    """The `accelerate launch` command running ``stage`` on ``nproc`` processes per node.
+
+    Raises ``ValueError`` when several nodes are asked for without the main node's address.
+    """
     name = f"zero{zero_stage}" + ("-offload" if offload and zero_stage else "")
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(CONFIG_ROOT / "accelerate" / f"{name}.yaml"),
-        "--deepspeed_config_file",
-        str(CONFIG_ROOT / "deepspeed" / f"{name}.json"),
-        "--num_processes",
-        str(nproc * nodes),
-        "--num_machines",
-        str(nodes),
-        "-m",
-        "launcher",
-        stage,
-        config,
-        *overrides,
-    ]
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command += ["--config_file", str(CONFIG_ROOT / "accelerate" / f"{name}.yaml")]
+    command += ["--deepspeed_config_file", str(CONFIG_ROOT / "deepspeed" / f"{name}.json")]
+    command += ["--num_processes", str(nproc * nodes), "--num_machines", str(nodes)]
+    if nodes > 1:
+        if not main_addr:
+            raise ValueError("several nodes need the main node's address: --main-addr HOST")
+        # "standard" = torchrun on every node (the default, pdsh, would ssh from node 0)
+        command += ["--deepspeed_multinode_launcher", "standard"]
+        command += ["--machine_rank", str(node_rank), "--main_process_ip", main_addr]
+        command += ["--main_process_port", str(main_port)]
+    return [*command, "-m", "launcher", stage, config, *overrides]
 
 
-def launch_env() -> dict[str, str]:
+def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The launcher's environment: the elastic agent must forward SIGUSR1 to the workers
     (by default it dies of it and orphans them; ../shared/NOTES.md)."""
-    env = dict(os.environ)
+    env = {**os.environ, **(extra or {})}
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGUSR1")
     env.setdefault("PET_SHUTDOWN_TIMEOUT", "120")  # time for the checkpoint after a signal
     return env
