@@ -62,12 +62,20 @@ def export_main(argv: list[str]) -> int:
     from launcher.checkpoint import read_manifest
 
     parser = argparse.ArgumentParser(prog="kiln export", description=export_main.__doc__)
-    parser.add_argument("checkpoint", help="a checkpoint folder (runs/<name>/checkpoints/step-N)")
+    parser.add_argument(
+        "checkpoint",
+        help="a checkpoint (runs/<name>/checkpoints/step-N), or a run or its "
+        "checkpoints folder for the newest one",
+    )
     parser.add_argument("--out", required=True, help="the HF model directory to write")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = parser.parse_args(argv)
     _configure_logging()
     folder = Path(args.checkpoint)
+    for pointer in (folder / "latest", folder / "checkpoints" / "latest"):
+        if pointer.is_file():  # a run or its checkpoints folder: the newest checkpoint
+            folder = pointer.parent / pointer.read_text().strip()
+            break
     try:
         stage = find_stage(read_manifest(folder)["meta"].get("stage", "pretrain"))
         if stage.export is None:
@@ -85,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:2] == ["slurm", "submit"]:
+        from launcher.slurm import submit_main
+
+        return submit_main(argv[2:])
     args = build_parser().parse_intermixed_args(argv)
     try:
         stage = find_stage(args.stage)
