@@ -165,6 +165,11 @@ def test_wandb_sink_in_offline_mode_writes_under_run_dir(tmp_path, monkeypatch, 
         record("loss", 1.5)
         m.flush(step=1)
     (log,) = (run_dir / "wandb").glob("offline-run-*/*.wandb")  # the run's binary record
+    # wandb's service process may still be writing it after finish() returned (seen in CI
+    # under load: the file held only its header): wait for the record, not for a fixed time.
+    deadline = time.time() + 60
+    while b"loss" not in log.read_bytes() and time.time() < deadline:
+        time.sleep(0.2)
     assert b"loss" in log.read_bytes() and b"***" in log.read_bytes()
     assert not [f for f in run_dir.rglob("*") if f.is_file() and b"hf_abc" in f.read_bytes()]
 
