@@ -115,6 +115,31 @@ def test_micro_batch_2_times_4_accumulation_equals_micro_batch_8(prepared, share
         assert diff.mean() < 1e-7, key
 
 
+@pytest.mark.slow
+def test_zero0_alone_skips_the_all_reduce_and_trains_like_zero2(prepared, shared_data):
+    """One rank, ZeRO-0: the loop turns off DeepSpeed's gradient all-reduce (nothing to
+    reduce); with accumulation over 2 micro-batches it must still train exactly like ZeRO-2."""
+    runs = {}
+    for name, stage in (("a", 0), ("b", 2)):
+        cfg = web_config(
+            prepared,
+            shared_data,
+            f"run.name={name}",
+            f"dist.zero_stage={stage}",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=4",
+        )
+        snaps = Snapshots()
+        trainer, _ = train(cfg, extra=[snaps])
+        assert trainer.engine.enable_backward_allreduce is (stage != 0)
+        runs[name] = (losses(cfg), snaps.params[-1])
+    (loss_a, params_a), (loss_b, params_b) = runs["a"], runs["b"]
+    assert len(loss_a) == 3
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for key in params_a:
+        assert (params_a[key] - params_b[key]).abs().max() < 1e-5, key
+
+
 class PoisonedTask(PretrainTask):
     """The loss of every micro-batch of the steps in ``bad_steps`` is NaN."""
 
