@@ -88,7 +88,8 @@ def set_adam_step(optimizer: torch.optim.Optimizer, engine, step: float) -> None
 
 
 def _full(param: nn.Parameter, optimizer, key: str | None) -> torch.Tensor:
-    """The full fp32 value (``key`` None) or Adam moment of a parameter; collective under ZeRO."""
+    """The full fp32 value (``key`` None) or Adam moment of a parameter, on the device it lives
+    on; collective under ZeRO."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if _uses_deepspeed_fragments(param):
@@ -99,7 +100,7 @@ def _full(param: nn.Parameter, optimizer, key: str | None) -> torch.Tensor:
         )
     else:
         value = param.detach() if key is None else optimizer.state[param][key]
-    return value.detach().float().cpu().contiguous()
+    return value.detach()
 
 
 def _set_full(param: nn.Parameter, optimizer, key: str | None, value: torch.Tensor) -> None:
@@ -142,11 +143,18 @@ def save_weights(
     ensure_moments(optimizer, engine)
     weights, moments = {}, {}
     for i, (name, param) in enumerate(named_parameters(model)):
-        values = {key: _full(param, optimizer, key) for key in (None, *MOMENTS)}
-        if i % world == rank:
-            weights[name] = values[None]
-            for key in MOMENTS:
-                moments[f"{name}::{key}"] = values[key]
+        for key in (None, *MOMENTS):
+            # Every rank takes part in the gather, but only the owner copies the value to the
+            # host: on GPUs the other ranks' copies were (world - 1) / world of a save's
+            # device-to-host traffic, thrown away.
+            value = _full(param, optimizer, key)
+            if i % world != rank:
+                continue
+            host = value.float().cpu().contiguous()
+            if key is None:
+                weights[name] = host
+            else:
+                moments[f"{name}::{key}"] = host
     suffix = f"{rank:05d}-of-{world:05d}.safetensors"
     save_file(weights, str(folder / f"model-{suffix}"), metadata={"format": "kiln-fp32"})
     save_file(moments, str(folder / f"optimizer-{suffix}"), metadata={"format": "kiln-adam"})
