@@ -73,6 +73,11 @@ def metrics(root: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def world_sizes(root: Path, name: str) -> set[float]:
+    """Every world size the run's metrics report (a multi-process test asserts it)."""
+    return {m["dist/world_size"] for m in metrics(root, name)}
+
+
 def losses(root: Path, name: str) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(root, name) if "train/loss" in m}
 

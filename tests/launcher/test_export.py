@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from .runs import run
+from .runs import run, world_sizes
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -28,6 +28,7 @@ print(json.dumps({"logits": logits, "generated": out[0].tolist(), "text": tok.de
 
 def test_exported_model_reproduces_the_training_models_logits_and_generates(tmp_path):
     run(tmp_path, "exp", "dist.zero_stage=3", "train.max_steps=6", "schedule.warmup_steps=1")
+    assert world_sizes(tmp_path, "exp") == {2.0}
     checkpoint = tmp_path / "exp" / "checkpoints" / "step-00000006"
     out = tmp_path / "exported"
     done = subprocess.run(

@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from .runs import alive, descendants, losses, metrics, rank_pids, run, start, wait_for
+from .runs import (
+    alive,
+    descendants,
+    losses,
+    metrics,
+    rank_pids,
+    run,
+    start,
+    wait_for,
+    world_sizes,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 ZERO3 = ["dist.zero_stage=3", "train.max_steps=20", "checkpoint.every=10"]
@@ -28,6 +38,7 @@ def root(tmp_path_factory):
 def full(root):
     """20 uninterrupted steps, ZeRO-3, 2 ranks, one DataLoader worker each."""
     run(root, "full", *ZERO3)
+    assert world_sizes(root, "full") == {2.0}
     return losses(root, "full")
 
 
@@ -46,6 +57,7 @@ def test_resume_after_a_stop_gives_losses_identical_to_an_uninterrupted_run(root
     assert (root / "half" / "PREEMPTED").exists()
     run(root, "half", *ZERO3)
     resumed = losses(root, "half")
+    assert world_sizes(root, "half") == {2.0}
     assert sorted(resumed) == list(range(1, 21)) == sorted(full)
     assert max(abs(resumed[s] - full[s]) for s in full) == 0.0
     assert not (root / "half" / "PREEMPTED").exists()
@@ -81,6 +93,7 @@ def test_a_zero3_checkpoint_loads_exactly_on_another_world_size_and_stage(root, 
         nproc=nproc,
     )
     lines = [m for m in metrics(root, name) if "train/loss" in m]
+    assert world_sizes(root, name) == {float(nproc)}
     assert [m["step"] for m in lines] == list(range(11, 21))
     reference = {m["step"]: m["train/lr"] for m in metrics(root, "full") if "train/lr" in m}
     assert lines[0]["train/lr"] == pytest.approx(reference[11], rel=1e-9)
@@ -126,6 +139,7 @@ def test_kill_9_of_one_rank_during_a_save_leaves_a_checkpoint_auto_resumes_from(
     resumed = re.search(r"resumed from (\S+): step (\d+)", done.stdout + done.stderr)
     assert resumed and Path(resumed.group(1)).name == complete[-1]  # the newest complete one
     assert max(losses(root, name)) == 30
+    assert world_sizes(root, name) == {2.0}
 
 
 def signal_run(root, name, target: str, delay: str = "0"):
@@ -179,3 +193,4 @@ def test_sigusr1_checkpoints_marks_preempted_and_resume_finishes_identically(
     assert not marker.exists()
     final = losses(root, name)
     assert max(final) == 60 and final[60] == uninterrupted[60]
+    assert world_sizes(root, name) == {2.0}
