@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from launcher.plan import main as plan_main
+
+        return plan_main(argv[1:])
     if argv[:2] == ["slurm", "submit"]:
         from launcher.slurm import submit_main
 
