@@ -26,8 +26,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        # Under ZeRO-3 the model is built inside deepspeed.zero.Init: every parameter is an
+        # empty 1-D placeholder and its real shape is `ds_shape`. Judged by `p.ndim`, every
+        # matrix would silently lose its weight decay.
+        ndim = len(getattr(p, "ds_shape", p.shape))
         # A tied lm_head is the embedding (same tensor): no decay for it either.
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+        (no_decay if ndim < 2 or id(p) in embeddings else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
     return [g for g in groups if g["params"]]

@@ -140,6 +140,25 @@ def test_zero0_alone_skips_the_all_reduce_and_trains_like_zero2(prepared, shared
         assert (params_a[key] - params_b[key]).abs().max() < 1e-5, key
 
 
+@pytest.mark.slow
+def test_zero3_keeps_weight_decay_on_matrices(prepared, shared_data):
+    """ZeRO-3 builds the model inside zero.Init, where every parameter is an empty 1-D
+    placeholder: the decay / no-decay split must use the real shapes."""
+    cfg = web_config(prepared, shared_data, "run.name=a", "dist.zero_stage=3")
+    runtime = build_runtime(cfg)
+    try:
+        task = PretrainTask(cfg, runtime)
+        model = task.build_model()
+        groups = task.param_groups(model)
+        assert [g["name"] for g in groups] == ["decay", "no_decay"]
+        assert groups[0]["weight_decay"] == cfg.optim.weight_decay > 0
+        assert all(p.numel() == 0 and len(p.ds_shape) == 2 for p in groups[0]["params"])
+        # 4 attention + 3 MLP matrices per layer; the tied embedding has no decay
+        assert len(groups[0]["params"]) == 7 * cfg.model.n_layers
+    finally:
+        runtime.close()
+
+
 class PoisonedTask(PretrainTask):
     """The loss of every micro-batch of the steps in ``bad_steps`` is NaN."""
 
