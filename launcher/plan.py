@@ -152,9 +152,16 @@ class Setup:
         return 2 if self.precision == "bf16" else 4
 
 
-def knobs_from(path: Path, zero: int, offload: bool = False) -> dict:
-    """The knobs of a DeepSpeed config file, with DeepSpeed's defaults where it is silent."""
+def knobs_from(path: Path, zero: int, offload: bool = False, d_model: int | None = None) -> dict:
+    """The knobs of a DeepSpeed config file, with DeepSpeed's defaults where it is silent and
+    "auto" sizes resolved from ``d_model`` as the runtime does."""
+    from launcher.runtime import resolve_sizes
+
     zero_cfg = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    zero_cfg = resolve_sizes(zero_cfg, d_model)
+    unresolved = [k for k, v in zero_cfg.items() if v == "auto"]
+    if unresolved:
+        raise PlanError(f"{path}: {', '.join(unresolved)} = auto needs the model width")
     knobs = {**DS_DEFAULTS, **zero_cfg}
     # DeepSpeed turns overlap_comm on by default only for ZeRO-3 (config.py overlap_comm_valid)
     knobs.setdefault("overlap_comm", zero == 3)
@@ -163,11 +170,11 @@ def knobs_from(path: Path, zero: int, offload: bool = False) -> dict:
     return knobs
 
 
-def deepspeed_knobs(zero: int, offload: bool) -> tuple[dict, Path]:
+def deepspeed_knobs(zero: int, offload: bool, d_model: int | None = None) -> tuple[dict, Path]:
     """The knobs of our DeepSpeed template for this stage (what the runtime would use)."""
     name = f"zero{zero}" + ("-offload" if offload and zero else "")
     path = CONFIG_ROOT / "deepspeed" / f"{name}.json"
-    return knobs_from(path, zero, offload), path
+    return knobs_from(path, zero, offload, d_model), path
 
 
 # -------------------------------------------------------------------------------- the plan
@@ -334,7 +341,7 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
     from pretrain.model import param_count
 
     if knobs is None:
-        knobs, template = deepspeed_knobs(setup.zero, setup.offload)
+        knobs, template = deepspeed_knobs(setup.zero, setup.offload, cfg.d_model)
     tensors = param_tensors(cfg)
     n = param_count(cfg)
     assert sum(t.numel for t in tensors) == n, "param_tensors disagrees with param_count"

@@ -97,6 +97,37 @@ def deepspeed_template(stage: int, offload_optimizer: bool, offload_params: bool
     return CONFIG_ROOT / "deepspeed" / f"{name}.json"
 
 
+SIZED_BY_MODEL = {
+    # HF's rules for "auto" (Accelerate applies the first three itself when it can see the
+    # model): buckets about one d x d matrix, small tensors (norms) never partitioned.
+    "reduce_bucket_size": lambda d: d * d,
+    "stage3_prefetch_bucket_size": lambda d: int(0.9 * d * d),
+    "stage3_param_persistence_threshold": lambda d: 10 * d,
+    # DeepSpeed's defaults (1e9 each) keep every gathered parameter of a model under 1e9
+    # parameters resident until backward reuses it: ZeRO-3 then saves no parameter memory
+    # (measured: 2 ranks held 0.71x of 1 rank's states for `125m`, 0.52x with these;
+    # benchmarks/results/zero_memory.md). About one d x d matrix: gather per layer, release
+    # after use, like FSDP's reshard-after-forward.
+    "stage3_max_live_parameters": lambda d: d * d,
+    "stage3_max_reuse_distance": lambda d: d * d,
+}
+
+
+def resolve_sizes(zero: dict, d_model: int | None) -> dict:
+    """``zero_optimization`` with every "auto" size knob set from the model width; without a
+    width, "auto" stays for Accelerate where it fills it and goes (DeepSpeed's default)
+    where it does not."""
+    out = dict(zero)
+    for key, rule in SIZED_BY_MODEL.items():
+        if out.get(key) != "auto":
+            continue
+        if d_model is not None:
+            out[key] = rule(d_model)
+        elif key.startswith("stage3_max"):
+            del out[key]
+    return out
+
+
 def deepspeed_config(cfg: RunConfig, dtype: torch.dtype, world_size: int) -> dict:
     """The DeepSpeed config of this run: a template from configs/deepspeed/ (the one the
     accelerate config names, if launched with one) completed from the run config."""
@@ -108,6 +139,8 @@ def deepspeed_config(cfg: RunConfig, dtype: torch.dtype, world_size: int) -> dic
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage", "auto") == "auto":
         zero["stage"] = cfg.dist.zero_stage
+    model = getattr(cfg, "model", None)
+    zero = ds["zero_optimization"] = resolve_sizes(zero, getattr(model, "d_model", None))
     if cfg.dist.offload_optimizer and zero["stage"] >= 1:
         zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
     if cfg.dist.offload_params and zero["stage"] == 3:

@@ -118,7 +118,11 @@ def test_buffers_come_from_our_deepspeed_template():
     rbs = knobs["reduce_bucket_size"]
     assert zero2.buffers == 2 * 2 * rbs + 2 * min(param_count(cfg), rbs)
     assert deepspeed_knobs(1, offload=False)[0]["overlap_comm"] is False  # DeepSpeed's default
-    assert deepspeed_knobs(3, offload=True)[1].name == "zero3-offload.json"
+    knobs3, path3 = deepspeed_knobs(3, offload=True, d_model=cfg.d_model)
+    assert path3.name == "zero3-offload.json"
+    # ZeRO-3's size knobs are "auto" in the template: sized to the model like the runtime
+    assert knobs3["reduce_bucket_size"] == knobs3["stage3_max_live_parameters"] == 768 * 768
+    assert knobs3["stage3_param_persistence_threshold"] == 7680
 
 
 def test_activation_checkpointing_shrinks_activations_and_changes_the_total():
@@ -163,7 +167,7 @@ def test_planner_agrees_with_deepspeeds_estimators(preset, gpus, nodes, zero, of
     n = param_count(cfg)
     largest = max(t.numel for t in param_tensors(cfg))
     setup = Setup(gpus=gpus, nodes=nodes, zero=zero, offload=offload)
-    knobs, _ = deepspeed_knobs(zero, offload)
+    knobs, _ = deepspeed_knobs(zero, offload, cfg.d_model)
     if zero == 3:  # one layer gathered at a time, as the estimator assumes
         knobs.update(
             stage3_param_persistence_threshold=0,
@@ -265,3 +269,19 @@ def test_memory_sizes_are_binary():
     assert parse_memory("80GB") == parse_memory("80GiB") == parse_memory("80") == 80 * GiB
     assert parse_memory("81559MiB") == 81559 * 2**20
     assert parse_memory("1.5T") == 1.5 * 2**40
+
+
+def test_runtime_sizes_zero3_knobs_from_the_model_like_the_planner():
+    from launcher.config import CONFIG_ROOT, load_config
+    from launcher.runtime import deepspeed_config
+    from pretrain.config import PretrainConfig
+
+    tiny = CONFIG_ROOT / "pretrain" / "tiny.yaml"
+    cfg = load_config(PretrainConfig, str(tiny), ["dist.zero_stage=3"])
+    zero = deepspeed_config(cfg, torch.float32, 1)["zero_optimization"]
+    d = cfg.model.d_model
+    assert zero["reduce_bucket_size"] == zero["stage3_max_reuse_distance"] == d * d
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * d * d)
+    assert zero["stage3_param_persistence_threshold"] == 10 * d
+    knobs, _ = deepspeed_knobs(3, offload=False, d_model=d)
+    assert all(knobs[k] == v for k, v in zero.items() if k.startswith(("stage3_max", "reduce")))
