@@ -23,6 +23,7 @@ import yaml
 from launcher import snapshot
 from launcher.checkpoint import (
     CheckpointError,
+    balance,
     commit,
     describe_files,
     find_resumable,
@@ -119,8 +120,10 @@ def _check(folder: Path, trainer: Trainer) -> None:
     problem = None
     try:
         manifest = read_manifest(folder)
-        names = sorted(manifest["files"])[rt.rank :: rt.world_size]
-        verify(folder, manifest, names, hashes=trainer.cfg.checkpoint.verify)
+        names = sorted(manifest["files"])
+        owner = balance([manifest["files"][n]["bytes"] for n in names], rt.world_size)
+        mine = [n for n, r in zip(names, owner, strict=True) if r == rt.rank]
+        verify(folder, manifest, mine, hashes=trainer.cfg.checkpoint.verify)
     except CheckpointError as exc:
         problem = str(exc)
     problems = [p for p in _gather(problem, rt.world_size) if p]

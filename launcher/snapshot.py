@@ -3,7 +3,7 @@
 The format does not depend on the ZeRO stage or the world size that wrote it: for every
 parameter (by name) the full fp32 master value and its Adam moments, gathered with DeepSpeed's
 ``safe_get_full_*`` helpers and spread over ``model-<rank>-of-<world>.safetensors`` /
-``optimizer-...`` files (rank r writes the parameters i with i % world == r). Loading reads
+``optimizer-...`` files (balanced by size: ``launcher.checkpoint.balance``). Loading reads
 whatever it needs from whichever file holds it and sets the local partitions with
 ``safe_set_full_*``: a checkpoint of ZeRO-3 on 2 ranks loads on 1 rank or under ZeRO-2 as is
 (this is our "consolidation", instead of DeepSpeed's own pickled shards plus a
@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from launcher.checkpoint import balance
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -31,6 +33,11 @@ def _uses_deepspeed_fragments(param: torch.Tensor) -> bool:
 
 def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return sorted(model.named_parameters())
+
+
+def _numel(param: nn.Parameter) -> int:
+    """Elements of the whole parameter (a ZeRO-3 parameter holds none outside a forward)."""
+    return param.ds_numel if hasattr(param, "ds_id") else param.numel()
 
 
 # ---------------------------------------------------------------------------- optimizer state
@@ -142,13 +149,15 @@ def save_weights(
     """Write this rank's share of every parameter and its moments; every rank must call it."""
     ensure_moments(optimizer, engine)
     weights, moments = {}, {}
-    for i, (name, param) in enumerate(named_parameters(model)):
+    params = named_parameters(model)
+    owners = balance([_numel(p) for _, p in params], world)
+    for (name, param), owner in zip(params, owners, strict=True):
         for key in (None, *MOMENTS):
             # Every rank takes part in the gather, but only the owner copies the value to the
             # host: on GPUs the other ranks' copies were (world - 1) / world of a save's
             # device-to-host traffic, thrown away.
             value = _full(param, optimizer, key)
-            if i % world != rank:
+            if owner != rank:
                 continue
             host = value.float().cpu().contiguous()
             if key is None:
