@@ -15,12 +15,13 @@ per parameter. The differences that matter:
 * ZeRO-3 also keeps an fp32 master copy in fp32 (the reuse check in ``_create_fp32_partitions``
   compares a torch.device with a string and never matches); parameters below
   ``stage3_param_persistence_threshold`` stay whole on every rank; gathered parameters stay
-  resident up to ``stage3_max_live_parameters`` (1e9 in our template: a 125m model is whole on
-  every rank during forward/backward, seen on CPU) and prefetching holds a gather buffer of up
-  to ``stage3_prefetch_bucket_size``; the step turns the gradient partition into an fp32 copy
-  per sub-group (``sub_group_size`` elements).
+  resident up to ``stage3_max_live_parameters`` (DeepSpeed's 1e9 default keeps a 125m model
+  whole on every rank during forward/backward, seen on CPU; our template sizes it to d²) and
+  prefetching holds a gather buffer of up to ``stage3_prefetch_bucket_size``; the step turns
+  the gradient partition into an fp32 copy per sub-group (each AdamW group cut into
+  ``sub_group_size`` elements).
 * Reduce buckets are allocated at ``reduce_bucket_size`` elements whatever the model size: with
-  our templates (5e8) that is 1 GB per bucket in bf16, two of them under ZeRO-2
+  our ZeRO-1/2 templates (5e8) that is 1 GB per bucket in bf16, two of them under ZeRO-2
   (``overlap_comm``), one under ZeRO-1 and ZeRO-3 (kept for the whole run); reducing a bucket
   makes a copy of its filled part.
 
@@ -443,15 +444,21 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
         t["shard"] = e * part
         # small parameters stay whole on every GPU
         t["persistent"] = e * sum(x.numel for x in tensors if x.numel <= threshold) * fetched
-        # gathered parameters stay resident up to stage3_max_live_parameters (our template:
-        # 1e9, i.e. a whole 1b model), and prefetching holds its gather buffer
-        # (stage3_prefetch_bucket_size) while it is in flight: both seen on CPU
+        # gathered parameters stay resident up to stage3_max_live_parameters (DeepSpeed's
+        # default 1e9 is a whole 1b model; our template: d²), and prefetching holds its
+        # gather buffer (stage3_prefetch_bucket_size) while it is in flight: both seen on CPU
         t["live"] = e * live * fetched
         t["prefetch"] = e * min(sum(big), float(knobs["stage3_prefetch_bucket_size"])) * fetched
         t["grad_in_flight"] = e * largest  # the largest layer's full gradient before reducing
         t["grad_partition"] = e * part
-        sub_group = min(part, float(knobs["sub_group_size"]) + math.ceil(largest / N))
-        t["grads_fp32"] = 4 * sub_group  # per sub-group at the step
+        # DeepSpeed cuts each AdamW group (decay / no decay) into sub-groups; the step turns
+        # one sub-group's gradient partition into fp32 at a time
+        group_parts = [
+            sum(math.ceil(x.numel / N) for x in tensors if x.decay == decay)
+            for decay in (True, False)
+        ]
+        cap = float(knobs["sub_group_size"]) + math.ceil(largest / N)
+        t["grads_fp32"] = 4 * min(max(group_parts), cap)
         t.update(master=4 * part, moments=8 * part, bucket=e * rbs)
         t["reduce_scratch"] = e * min(n, rbs)  # seen on CPU, also on 1 rank
         optimizer = t["master"] + t["moments"]
