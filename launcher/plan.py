@@ -449,11 +449,12 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
         # gather buffer (stage3_prefetch_bucket_size) while it is in flight: both seen on CPU
         t["live"] = e * live * fetched
         t["prefetch"] = e * min(sum(big), float(knobs["stage3_prefetch_bucket_size"])) * fetched
-        # the largest layer's full gradient before reducing. Seen on CPU: a gradient larger
-        # than the reduce bucket is reduced on its own with a full-size copy beside it
-        # (partition + 2 x 147 MiB for `125m` on 2 ranks); one that fits is copied into the
-        # bucket (counted under buffers)
-        t["grad_in_flight"] = e * largest * (2 if N > 1 and largest > rbs else 1)
+        t["grad_in_flight"] = e * largest  # the largest layer's full gradient before reducing
+        # Seen on CPU (not offloaded): a gradient larger than the reduce bucket is reduced on
+        # its own with a full-size copy beside it (partition + 2 x 147 MiB for `125m` on 2
+        # ranks); one that fits is copied into the bucket (counted under buffers). Not
+        # measured with offload, so not assumed there.
+        t["reduce_copy"] = e * largest if N > 1 and largest > rbs else 0
         t["grad_partition"] = e * part
         # DeepSpeed cuts each AdamW group (decay / no decay) into sub-groups; the step turns
         # one sub-group's gradient partition into fp32 at a time
@@ -487,7 +488,7 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
             r.moments = {
                 "forward/backward": {
                     "params": t["shard"] + window + t["prefetch"],
-                    "grads": t["grad_partition"] + t["grad_in_flight"],
+                    "grads": t["grad_partition"] + t["grad_in_flight"] + t["reduce_copy"],
                     "optimizer": optimizer,
                     "activations": act,
                     "buffers": t["bucket"],
