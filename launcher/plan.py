@@ -574,6 +574,7 @@ def _notes(r: Plan, acts: Activations) -> dict[str, str]:
             if s.offload
             else f"1/{N} partition {G(t['grad_partition'])} + its fp32 copy at the step "
             f"{G(t['grads_fp32'])}; largest layer's full gradient {G(t['grad_in_flight'])}"
+            + (f" + its reduce copy {G(t['reduce_copy'])}" if t["reduce_copy"] else "")
         )
         notes["optimizer"] = (
             "on CPU (offloaded)" if s.offload else f"fp32 master + Adam m, v of 1/{N}"
