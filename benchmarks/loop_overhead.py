@@ -9,6 +9,8 @@ and the same optimizer (AdamW, fused, clipping at 1.0):
 - ``kiln-z0``: ``python -m launcher pretrain`` with 1 process, ZeRO-0 (the whole framework:
   streamed data with one DataLoader worker, DeepSpeed engine, metrics every step, the
   stop/save check every step);
+- ``kiln-z0-w0``: the same with ``data.num_workers=0`` (the stream read and tokenized in the
+  training process instead of a DataLoader worker process);
 - ``kiln-z2x2``: the same with 2 processes and ZeRO-2 (gloo), compared per token: on this
   2-core machine, 2 ranks of 1 thread each against 1 process of 2 threads.
 
@@ -47,7 +49,7 @@ from common import (
 )
 
 SEQ, MICRO, VOCAB = 256, 8, 4096
-VARIANTS = ("plain", "hf-trainer", "kiln-z0", "kiln-z2x2")
+VARIANTS = ("plain", "hf-trainer", "kiln-z0", "kiln-z0-w0", "kiln-z2x2")
 DATA_WAIT: dict[str, list[float]] = {}
 
 
@@ -105,6 +107,8 @@ def measure(variant: str, config: Path, steps: int, out: Path, round_: int) -> f
         nproc = 2 if variant == "kiln-z2x2" else 1
         world = ["dist.zero_stage=2"] if nproc == 2 else ["dist.zero_stage=0"]
         world.append(f"train.global_batch_size={MICRO * nproc}")
+        if variant.endswith("-w0"):  # tokenize in the training process: no worker process
+            world.append("data.num_workers=0")
         lines = kiln_run(config, f"{variant}-r{round_}", steps, *world, nproc=nproc)
         times, tokens = step_seconds(lines, MICRO * SEQ * nproc), MICRO * SEQ * nproc
         waits = [m["time/data_wait"] / t for m, t in zip(lines, times, strict=True)]
