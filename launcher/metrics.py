@@ -322,7 +322,12 @@ class WandbSink:
         self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
 
     def close(self) -> None:
-        self.accelerator.end_training()
+        # Not `accelerator.end_training()`: in accelerate 1.15 it also destroys the process
+        # group, after which the stage's final barrier (and any collective) fails on the main
+        # rank while the others wait forever. The runtime alone owns the group's lifetime.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
 
 
 class ProgressBar:
