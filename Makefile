@@ -12,15 +12,28 @@ else
 TORCH_INSTALL = $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
 endif
 
-.PHONY: setup demo test test-fast lint format clean
+LOCK := requirements/lock-cpu.txt
+
+.PHONY: setup demo test test-fast lint format clean lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# Every package at the version CI tested: the lock is a constraints file, so pip installs
+# exactly those versions (and fails loudly if they cannot be had) instead of the newest ones.
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || { $(TORCH_INSTALL); }
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
+
+# Upgrade: the newest versions pyproject.toml allows (torch stays at TORCH_VERSION), then
+# write them to the lock. Run `make test` afterwards and commit both files together.
+lock: setup
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/torch-pin.txt
+	$(BIN)/pip install -q --upgrade -c $(VENV)/torch-pin.txt -e ".[dev]"
+	{ echo "# The exact versions CI tested (Python 3.11, CPU). \`make setup\` installs with these as constraints;"; \
+	  echo "# \`make lock\` regenerates this file from the virtualenv (see README: upgrading)."; \
+	  $(BIN)/pip freeze --exclude-editable | sed -E 's/\+cpu$$//'; } > $(LOCK)
 
 # The main job on the built-in default: no data, no GPU. 2 processes, ZeRO-2.
 demo: setup
