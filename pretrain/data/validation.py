@@ -2,8 +2,10 @@
 
 Documents come from the training sources' held-out share (a fixed hash of the document id,
 see ``sources.is_held_out``; the training stream skips them), read in file order, and from
-any separate validation files. They are packed like training data; the last sequence is
-padded (targets ``IGNORE``). ``text_bytes`` is the UTF-8 size of the documents, the
+any separate validation files. They are packed by the training packer (with
+``data.document_boundaries`` the rows carry the same ``position_ids``/``segment_ids``, so
+evaluation sees documents exactly as training does); the last sequence is padded (targets
+``IGNORE``, a segment of its own). ``text_bytes`` is the UTF-8 size of the documents, the
 denominator of bits per byte.
 """
 
@@ -16,6 +18,7 @@ import torch
 
 from pretrain.data.config import DataConfig
 from pretrain.data.documents import CorpusError, scan
+from pretrain.data.packing import Packer, Piece
 from pretrain.data.sources import ResolvedCorpus, ResolvedSource, is_held_out, resolve_sources
 from pretrain.tokenizer import TextTokenizer
 
@@ -29,6 +32,8 @@ class ValidationSet:
     targets: np.ndarray  # [n, seq_len] int64, IGNORE on padding
     documents: int
     text_bytes: int
+    position_ids: np.ndarray | None = None  # [n, seq_len] int64, with document boundaries only
+    segment_ids: np.ndarray | None = None  # [n, seq_len] int64, with document boundaries only
 
     @property
     def target_tokens(self) -> int:
@@ -36,21 +41,26 @@ class ValidationSet:
 
     def batches(self, rank: int, world_size: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """This rank's share, padded with all-ignored rows so that every rank runs the same
-        number of batches (ZeRO-3 needs every rank in every forward)."""
+        number of batches (ZeRO-3 needs every rank in every forward). Batches hold
+        ``input_ids`` and ``targets``, plus ``position_ids`` and ``segment_ids`` when the set
+        was packed with document boundaries."""
         per_step = world_size * batch_size
-        n = len(self.input_ids)
+        n, seq_len = self.input_ids.shape
         padded = -(-n // per_step) * per_step
-        ids = np.full((padded, self.input_ids.shape[1]), 0, dtype=np.int64)
-        targets = np.full_like(ids, IGNORE)
-        ids[:n], targets[:n] = self.input_ids, self.targets
+        arrays = {"input_ids": self.input_ids, "targets": self.targets}
+        if self.segment_ids is not None:
+            arrays |= {"position_ids": self.position_ids, "segment_ids": self.segment_ids}
         mine = slice(rank, padded, world_size)
-        ids, targets = ids[mine], targets[mine]
+        out: dict[str, np.ndarray] = {}
+        for key, rows in arrays.items():
+            full = np.full((padded, seq_len), IGNORE if key == "targets" else 0, dtype=np.int64)
+            full[:n] = rows
+            if key == "position_ids":
+                full[n:] = np.arange(seq_len)  # padding rows: one plain causal segment
+            out[key] = full[mine]
         return [
-            {
-                "input_ids": torch.from_numpy(ids[i : i + batch_size].copy()),
-                "targets": torch.from_numpy(targets[i : i + batch_size].copy()),
-            }
-            for i in range(0, len(ids), batch_size)
+            {k: torch.from_numpy(v[i : i + batch_size].copy()) for k, v in out.items()}
+            for i in range(0, len(out["input_ids"]), batch_size)
         ]
 
 
@@ -93,22 +103,40 @@ def build_validation(
             "files; raise it or list data.validation.sources"
         )
     prefix = [tokenizer.bos_id] if cfg.add_bos else []
-    stream = np.concatenate(
-        [
-            np.array([*prefix, *ids, tokenizer.eos_id], dtype=np.int64)
-            for ids in tokenizer.encode_batch(texts)
-        ]
-    )
-    L = cfg.seq_len
-    n = max(1, -(-(len(stream) - 1) // L))
-    padded = np.full(n * L + 1, tokenizer.pad_id, dtype=np.int64)
-    padded[: len(stream)] = stream
-    windows = np.lib.stride_tricks.sliding_window_view(padded, L + 1)[::L]
-    targets = windows[:, 1:].copy()
-    targets.reshape(-1)[len(stream) - 1 :] = IGNORE
+    documents = [[*prefix, *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+    rows = pack_documents(documents, cfg.seq_len, cfg.document_boundaries, tokenizer.pad_id)
     return ValidationSet(
-        input_ids=windows[:, :-1].copy(),
-        targets=targets,
+        **rows,
         documents=len(texts),
         text_bytes=sum(len(t.encode("utf-8")) for t in texts),
     )
+
+
+def pack_documents(
+    documents: list[list[int]], seq_len: int, boundaries: bool, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Pack token lists (each a whole document) into ``seq_len`` rows with the training
+    ``Packer``; the last row is filled with ``pad_id`` whose targets are ``IGNORE``.
+
+    Returns ``input_ids`` and ``targets`` (plus ``position_ids`` and ``segment_ids`` when
+    ``boundaries``), each ``[rows, seq_len]`` int64. Raises ``ValueError`` when there are
+    no tokens at all.
+    """
+    total = sum(len(d) for d in documents)
+    if total == 0:
+        raise ValueError("pack_documents: no tokens to pack")
+    packer = Packer(seq_len, boundaries=boundaries)
+    rows: list[dict[str, np.ndarray]] = []
+    for key, tokens in enumerate(documents):
+        packer.add(Piece.document(tokens, 0, key))
+        while packer.ready():
+            rows.append(packer.pop())
+    left = total - len(rows) * seq_len  # tokens still in the packer (>= 1: the overlap token)
+    if left > 1 or not rows:  # the rest still has targets (or there is no row yet): pad it
+        packer.add(Piece.document([pad_id] * (seq_len + 1 - left), 0, -1))
+        rows.append(packer.pop())
+    keys = ["input_ids", "targets"] + (["position_ids", "segment_ids"] if boundaries else [])
+    out = {k: np.stack([r[k] for r in rows]).astype(np.int64) for k in keys}
+    # Every stream token but the first is a target once: the ones after the stream are padding.
+    out["targets"].reshape(-1)[total - 1 :] = IGNORE
+    return out

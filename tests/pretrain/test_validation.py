@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from launcher.runtime import Runtime
+from launcher.task import Task
 from pretrain.data.documents import read_documents
 from pretrain.data.sources import is_held_out, resolve_corpus
 from pretrain.data.stream import document_key
 from pretrain.data.validation import IGNORE, build_validation
+from pretrain.model import ModelConfig, build_model
+from pretrain.task import PretrainTask
 
 from .data_fixtures import (
     data_config,
@@ -83,3 +92,113 @@ def test_separate_validation_files_are_used_whole(setup, tmp_path):
     docs = list(read_documents(str(files["books"][0])))
     assert val.documents == len(docs) == 25
     assert val.text_bytes == sum(len(d.text.encode()) for d in docs)
+
+
+# ---------------------------------------------------------------- document boundaries
+
+
+def validation_sets(corpus_dir, tokenizer):
+    """The same held-out documents packed into 64-token rows, with and without boundaries."""
+    out = {}
+    for boundaries in (True, False):
+        cfg = data_config(
+            corpus_dir,
+            seq_len=64,
+            document_boundaries=boundaries,
+            validation={"fraction": 0.15, "max_docs": 1000},
+        )
+        out[boundaries] = (cfg, build_validation(cfg, resolve_corpus(cfg), tokenizer))
+    return out
+
+
+def test_boundaries_add_restarting_positions_and_segments_to_the_same_rows(corpus_dir, tokenizer):
+    sets = validation_sets(corpus_dir, tokenizer)
+    (_, on), (_, off) = sets[True], sets[False]
+    assert np.array_equal(on.input_ids, off.input_ids) and np.array_equal(on.targets, off.targets)
+    assert off.position_ids is None and off.segment_ids is None
+    assert all(set(b) == {"input_ids", "targets"} for b in off.batches(0, 2, batch_size=4))
+    # A document starts at every row start and after every EOS (so does the final padding).
+    ids = on.input_ids
+    starts = np.ones_like(ids, dtype=bool)
+    starts[:, 1:] = ids[:, :-1] == tokenizer.eos_id
+    assert np.array_equal(on.position_ids == 0, starts)
+    assert np.all((np.diff(on.position_ids, axis=1) == 1) | starts[:, 1:])
+    assert np.array_equal(on.segment_ids, np.cumsum(starts, axis=1) - 1)
+    real = (on.targets != IGNORE).any(axis=1)
+    for world in (1, 3):  # every rank's batches carry them, all-ignored padding rows included
+        shards = [on.batches(rank, world, batch_size=4) for rank in range(world)]
+        rows = {k: torch.cat([b[k] for s in shards for b in s]) for k in shards[0][0]}
+        assert set(rows) == {"input_ids", "targets", "position_ids", "segment_ids"}
+        mine = (rows["targets"] != IGNORE).any(dim=1)
+        assert sorted(map(tuple, rows["position_ids"][mine].tolist())) == sorted(
+            map(tuple, on.position_ids[real].tolist())
+        )
+
+
+def evaluate(validation, model) -> dict[str, float]:
+    """``PretrainTask.evaluate`` on one CPU process, without building a run around it."""
+    task = object.__new__(PretrainTask)
+    cfg = SimpleNamespace(
+        train=SimpleNamespace(micro_batch_size=4), eval=SimpleNamespace(max_batches=None)
+    )
+    cpu = torch.device("cpu")
+    runtime = Runtime(None, 0, 0, 1, cpu, torch.float32, 0, {})
+    Task.__init__(task, cfg, runtime)
+    task.validation = validation
+    with torch.no_grad():
+        return task.evaluate(model.eval())
+
+
+def documents_alone(model, documents: list[np.ndarray], seq_len: int) -> tuple[float, int]:
+    """Summed nats and target count of every document run by itself: the stream is the
+    documents one after another, a validation row holds inputs ``[i*L, (i+1)*L)`` of it, so a
+    document is cut where a row ends and each of its pieces runs alone from position 0; each
+    input token is scored against the next token of the stream (the very last has none)."""
+    stream = torch.from_numpy(np.concatenate(documents))
+    nats, count, start = 0.0, 0, 0
+    for doc in documents:
+        end = start + len(doc)
+        cuts = [start, *range((start // seq_len + 1) * seq_len, end, seq_len), end]
+        for a, b in itertools.pairwise(cuts):
+            targets = stream[a + 1 : b + 1]
+            with torch.no_grad():
+                logits = model(input_ids=stream[None, a:b], use_cache=False).logits[0]
+            nats += F.cross_entropy(logits[: len(targets)], targets, reduction="sum").item()
+            count += len(targets)
+        start = end
+    return nats, count
+
+
+def test_eval_loss_with_boundaries_is_the_token_weighted_mean_of_documents_run_alone(
+    corpus_dir, tokenizer
+):
+    sets = validation_sets(corpus_dir, tokenizer)
+    cfg, val = sets[True]
+    documents = [
+        np.array([*tokenizer.encode(d.text), tokenizer.eos_id]) for _, d in held_out_documents(cfg)
+    ]
+    stream = np.concatenate(documents)
+    assert np.array_equal(val.input_ids.reshape(-1)[: len(stream)], stream)  # same order
+    model = build_model(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            d_model=32,
+            n_layers=2,
+            n_heads=2,
+            ffn_size=64,
+            max_seq_len=64,
+            init_std=0.2,  # far from uniform logits: attending another document shows
+        ),
+        seed=0,
+    )
+    nats, count = documents_alone(model, documents, cfg.seq_len)
+    assert count == val.target_tokens == len(stream) - 1
+    expected = nats / count
+    packed = evaluate(val, model)
+    assert packed["eval/loss"] == pytest.approx(expected, rel=1e-5)
+    assert packed["eval/bits_per_byte"] == pytest.approx(
+        nats / val.text_bytes / math.log(2), rel=1e-5
+    )
+    # Without boundaries the same rows attend across documents: the check above can fail.
+    crossing = evaluate(sets[False][1], model)["eval/loss"]
+    assert abs(crossing - expected) > 1e-3
