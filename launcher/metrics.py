@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
 import torch
 from pydantic import Field
@@ -331,34 +331,90 @@ class WandbSink:
 
 
 class ProgressBar:
-    """A tqdm bar over optimizer steps with ETA; its postfix shows the last flushed values of
-    ``fields`` ((metric name, label) pairs). Pass ``enabled=False`` on ranks other than the main."""
+    """Progress over optimizer steps with ETA, showing the last flushed values of ``fields``
+    ((metric name, label) pairs). On a terminal a tqdm bar; otherwise (a Slurm log, a file,
+    a pipe) a bar never advances there, so a plain line every flush (``metrics.log_every``
+    steps) or every ``every_s`` seconds. Pass ``enabled=False`` on ranks other than the main."""
 
     fields = (("train/loss", "loss"), ("train/lr", "lr"), ("throughput/tokens_per_s", "tok/s"))
 
-    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True) -> None:
-        self._step = initial
-        self._bar = tqdm(
-            total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled
-        )
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        *,
+        enabled: bool = True,
+        plain: bool | None = None,
+        every_s: float = 30.0,
+        stream: TextIO | None = None,
+    ) -> None:
+        self._stream = stream or sys.stderr
+        self.plain = not _is_terminal(self._stream) if plain is None else plain
+        self.enabled, self.every_s = enabled, every_s
+        self._bar = None
+        if not self.plain:
+            self._bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=not enabled, file=self._stream,
+            )  # fmt: skip
+        self.reset(total, initial)
 
     def reset(self, total: int, initial: int = 0) -> None:
         """Start over with a new ``total`` (e.g. once the horizon is known, or on resume)."""
-        self._bar.reset(total=total)
-        self._bar.update(initial)
-        self._step = initial
+        if self._bar is not None:
+            self._bar.reset(total=total)
+            self._bar.update(initial)
+        self.total, self._step, self._start_step = total, initial, initial
+        self._started = self._last_line = time.monotonic()
+        self._postfix: dict[str, str] = {}
 
     def update(self, step: int) -> None:
-        """Move the bar to ``step`` (optimizer steps done)."""
-        self._bar.update(step - self._step)
+        """Move to ``step`` (optimizer steps done)."""
+        if self._bar is not None:
+            self._bar.update(step - self._step)
         self._step = step
+        if self.plain and time.monotonic() - self._last_line >= self.every_s:
+            self._line()
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        postfix = {label: _short(metrics[k]) for k, label in self.fields if k in metrics}
-        self._bar.set_postfix(postfix, refresh=False)
+        self._postfix = {label: _short(metrics[k]) for k, label in self.fields if k in metrics}
+        if self._bar is not None:
+            self._bar.set_postfix(self._postfix, refresh=False)
+        else:
+            self._step = max(self._step, step)
+            self._line()
+
+    def _line(self) -> None:
+        self._last_line = time.monotonic()
+        if not self.enabled or not self.total:
+            return
+        elapsed = self._last_line - self._started
+        done = self._step - self._start_step
+        eta = elapsed / done * (self.total - self._step) if done > 0 else None
+        parts = [f"step {self._step}/{self.total} ({100 * self._step / self.total:.0f}%)"]
+        parts += [f"{label} {value}" for label, value in self._postfix.items()]
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if eta is not None:
+            parts.append(f"ETA {_duration(eta)}")
+        print("[kiln] " + ", ".join(parts), file=self._stream, flush=True)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _short(value: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import time
@@ -98,7 +99,7 @@ def test_jsonl_sink_writes_one_line_per_flush_with_step(tmp_path):
 
 
 def test_progress_bar_shows_loss_lr_and_tokens_per_second_from_flushed_metrics():
-    bar = ProgressBar(total=0)
+    bar = ProgressBar(total=0, plain=False)
     bar.reset(total=100, initial=10)
     bar.update(15)
     flushed = {"step": 15, "train/loss": 2.34567, "train/lr": 3e-4}
@@ -107,6 +108,30 @@ def test_progress_bar_shows_loss_lr_and_tokens_per_second_from_flushed_metrics()
     assert bar._bar.postfix == "loss=2.346, lr=0.0003, tok/s=123,456"
     bar.close()
     ProgressBar(total=5, enabled=False).update(3)  # other ranks: no output, no error
+
+
+def test_progress_off_a_terminal_is_a_plain_line_per_flush_and_every_interval(monkeypatch):
+    """A Slurm log is not a terminal: a tqdm bar there never advances (it read `0/300` after
+    300 steps), so plain lines with step, loss, tok/s and ETA instead."""
+    out = io.StringIO()  # not a terminal
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    bar = ProgressBar(total=0, stream=out, every_s=30)
+    assert bar.plain and out.getvalue() == ""  # no stray `0step` before the horizon is known
+    bar.reset(total=300, initial=100)
+    clock[0] += 10
+    bar.update(110)
+    assert out.getvalue() == ""  # neither a flush nor 30 s yet
+    bar.write(120, {"train/loss": 4.2109, "throughput/tokens_per_s": 12345.0})
+    clock[0] += 30
+    bar.update(150)  # 30 s since the last line: one more line
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[kiln] step 120/300 (40%), loss 4.211, tok/s 12,345, elapsed 10s, ETA 1m30s"
+    assert lines[1] == "[kiln] step 150/300 (50%), loss 4.211, tok/s 12,345, elapsed 40s, ETA 2m00s"
+    assert len(lines) == 2
+    quiet = io.StringIO()
+    ProgressBar(total=5, enabled=False, stream=quiet, plain=True).write(3, {"train/loss": 1.0})
+    assert quiet.getvalue() == ""
 
 
 def test_redact_hides_secret_values_and_url_passwords_but_keeps_token_counts():
