@@ -25,6 +25,14 @@ per parameter. The differences that matter:
   (``overlap_comm``), one under ZeRO-1 and ZeRO-3 (kept for the whole run); reducing a bucket
   makes a copy of its filled part.
 
+Under bf16 with ``dist.reduce_dtype: fp32`` (the default; launcher/runtime.py) gradients are
+accumulated and reduced in fp32, which changes what DeepSpeed allocates (measured on CPU, 125m
+on 2 ranks, both dtypes): ZeRO-1 becomes DeepSpeed's BF16_Optimizer, with an fp32 gradient
+buffer of the whole model on every GPU besides the bf16 ``.grad``s; ZeRO-2/3 hold their
+gradient partition in fp32 (and need no fp32 copy at the step); every reduction converts its
+bf16 input to an fp32 copy. ZeRO-0 accumulates in bf16 whatever the setting (DeepSpeed has no
+fp32 accumulation there); only its all-reduce goes through fp32.
+
 The peak is the largest of three moments: forward/backward (activations, gathered ZeRO-3
 parameters, gradients written into the buckets), the end of backward (buckets being reduced
 into the gradient partition) and the optimizer step (gradient partition plus its fp32 copy).
@@ -140,6 +148,7 @@ class Setup:
     seq_len: int = 2048
     offload: bool = False
     precision: str = "bf16"
+    reduce_dtype: str = "fp32"  # dist.reduce_dtype: gradient accumulation/reduction under bf16
     activation_checkpointing: bool = False
     gpu_memory: float = 80 * GiB
 
@@ -151,6 +160,11 @@ class Setup:
     def bytes(self) -> int:
         """Bytes per element of parameters, gradients and activations."""
         return 2 if self.precision == "bf16" else 4
+
+    @property
+    def wide_grads(self) -> bool:
+        """bf16 weights whose gradients are accumulated and reduced in fp32."""
+        return self.precision == "bf16" and self.reduce_dtype == "fp32"
 
 
 def knobs_from(path: Path, zero: int, offload: bool = False, d_model: int | None = None) -> dict:
@@ -347,7 +361,7 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
     n = param_count(cfg)
     assert sum(t.numel for t in tensors) == n, "param_tensors disagrees with param_count"
     N, e, z, gpus = setup.world, setup.bytes, setup.zero, setup.gpus
-    fp32 = e == 4
+    fp32, wide = e == 4, setup.wide_grads
     rbs = float(knobs["reduce_bucket_size"])
     largest = max(t.numel for t in tensors)
     r = Plan(cfg, setup, knobs, template or Path(), n)
@@ -363,7 +377,8 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
         t.update(weights=e * n, grads=e * n, moments=8 * n)
         t["master"] = 0 if fp32 else 4 * n
         t["grads_fp32"] = 0 if fp32 else 4 * n
-        t["allreduce_flat"] = e * min(n, ALLREDUCE_BUCKET) if N > 1 else 0
+        # the flattened bucket, and its fp32 copy when bf16 gradients are reduced in fp32
+        t["allreduce_flat"] = (e + 4 * wide) * min(n, ALLREDUCE_BUCKET) if N > 1 else 0
         optimizer = t["master"] + t["moments"]
         r.moments = {
             "forward/backward": {
@@ -384,6 +399,8 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
                 "optimizer": optimizer,
             },
         }
+    elif z == 1 and wide and not setup.offload:
+        _plan_bf16_optimizer(r, tensors, act)
     elif z in (1, 2):
         groups = [[x for x in tensors if x.decay], [x for x in tensors if not x.decay]]
         parts = [_zero12_partition(g, N) for g in groups if g]
@@ -392,25 +409,33 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
         t.update(weights=e * n, master=4 * part, moments=8 * part)
         t["grad_buffer"] = e * sum(b for _, b in parts)
         t["grads_fp32"] = 4 * max(p for p, _ in parts)  # one group at a time
+        if wide:  # fp32 accumulation: an fp32 partition buffer, nothing to convert at the step
+            t["grad_buffer"], t["grads_fp32"] = 4 * part, 0
         t["buckets"] = n_buckets * e * rbs if knobs["contiguous_gradients"] or setup.offload else 0
-        t["reduce_scratch"] = e * min(n, rbs) if N > 1 else 0  # seen on CPU, 2 ranks
+        # seen on CPU, 2 ranks: a copy of the bucket (and its fp32 copy when reduced in fp32)
+        t["reduce_scratch"] = (e + 4 * wide) * min(n, rbs) if N > 1 else 0
         optimizer = t["master"] + t["moments"]
         if setup.offload:
             # States and fp32 gradients live in (pinned) CPU memory; the GPU keeps the weights,
             # the buckets and one staging buffer of the largest parameter.
             t["staging"] = e * largest
             buffers = t["buckets"] + t["staging"]
+            # ZeRO-1 accumulating in fp32 keeps an fp32 `grad_accum` of every parameter on the
+            # GPU (stage_1_and_2.py use_grad_accum_attribute; read, not measured)
+            t["grad_accum"] = 4 * n if wide and z == 1 else 0
             r.moments = {
                 "forward/backward": {
                     "params": t["weights"],
+                    "grads": t["grad_accum"],
                     "activations": act,
                     "buffers": buffers,
                 },
                 "end of backward": {
                     "params": t["weights"],
+                    "grads": t["grad_accum"],
                     "buffers": buffers + t["reduce_scratch"],
                 },
-                "optimizer step": {"params": t["weights"]},
+                "optimizer step": {"params": t["weights"], "grads": t["grad_accum"]},
             }
             r.cpu = (optimizer + 4 * part + e * part) * gpus
             r.cpu_note = "fp32 master + Adam m, v + fp32 grads + 16-bit copy of the partition"
@@ -454,8 +479,9 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
         # its own with a full-size copy beside it (partition + 2 x 147 MiB for `125m` on 2
         # ranks); one that fits is copied into the bucket (counted under buffers). Not
         # measured with offload, so not assumed there.
-        t["reduce_copy"] = e * largest if N > 1 and largest > rbs else 0
-        t["grad_partition"] = e * part
+        # (in fp32 when bf16 gradients are reduced in fp32, like the partition they go to)
+        t["reduce_copy"] = (4 if wide else e) * largest if N > 1 and largest > rbs else 0
+        t["grad_partition"] = (4 if wide else e) * part
         # DeepSpeed cuts each AdamW group (decay / no decay) into sub-groups; the step turns
         # one sub-group's gradient partition into fp32 at a time
         group_parts = [
@@ -463,7 +489,7 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
             for decay in (True, False)
         ]
         cap = float(knobs["sub_group_size"]) + math.ceil(largest / N)
-        t["grads_fp32"] = 4 * min(max(group_parts), cap)
+        t["grads_fp32"] = 0 if wide else 4 * min(max(group_parts), cap)
         t.update(master=4 * part, moments=8 * part, bucket=e * rbs)
         t["reduce_scratch"] = e * min(n, rbs)  # seen on CPU, also on 1 rank
         optimizer = t["master"] + t["moments"]
@@ -519,6 +545,51 @@ def plan(cfg, setup: Setup, knobs: dict | None = None, template: Path | None = N
     return r
 
 
+def _allreduce_copy(sizes: list[int], limit: float = ALLREDUCE_BUCKET) -> int:
+    """Elements of the largest flattened copy DeepSpeed's ``allreduce_no_retain`` makes of
+    ``sizes`` (tensors gathered in order until a bucket exceeds ``limit``; a bucket of one
+    tensor is reduced in place)."""
+    worst, bucket = 0, []
+    for size in sizes:
+        bucket.append(size)
+        if sum(bucket) > limit:
+            worst, bucket = max(worst, sum(bucket) if len(bucket) > 1 else 0), []
+    return max(worst, sum(bucket) if len(bucket) > 1 else 0)
+
+
+def _plan_bf16_optimizer(r: Plan, tensors: list[Tensor], act: float) -> None:
+    """ZeRO-1 with bf16 weights and fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
+    (bf16_optimizer.py). Flat bf16 weights; an fp32 master and Adam m, v of 1/N; an fp32
+    gradient buffer of the whole model on every GPU that the bf16 ``.grad``s are added into
+    after backward (they live until the step); the fp32 buffers of the two AdamW groups are
+    all-reduced, flattened together when they fit in one 5e8-element bucket. Measured on CPU
+    (125m, 2 ranks): every component within 1%."""
+    t, N, n = r.terms, r.setup.world, r.n_params
+    groups = [[x for x in tensors if x.decay], [x for x in tensors if not x.decay]]
+    part = sum(_zero12_partition(g, N)[0] for g in groups if g)
+    t.update(weights=2 * n, master=4 * part, moments=8 * part)
+    t["grads_fp32"], t["grads_bf16"] = 4 * n, 2 * n
+    sizes = [sum(x.numel for x in g) for g in groups if g]
+    t["allreduce_flat"] = 4 * _allreduce_copy(sizes) if N > 1 else 0
+    optimizer = t["master"] + t["moments"]
+    grads = t["grads_fp32"] + t["grads_bf16"]
+    r.moments = {
+        "forward/backward": {
+            "params": t["weights"],
+            "grads": t["grads_fp32"],
+            "optimizer": optimizer,
+            "activations": act,
+        },
+        "end of backward": {
+            "params": t["weights"],
+            "grads": grads,
+            "optimizer": optimizer,
+            "buffers": t["allreduce_flat"],
+        },
+        "optimizer step": {"params": t["weights"], "grads": grads, "optimizer": optimizer},
+    }
+
+
 def _notes(r: Plan, acts: Activations) -> dict[str, str]:
     """One line per component: what it is made of."""
     s, t, k = r.setup, r.terms, r.knobs
@@ -534,7 +605,9 @@ def _notes(r: Plan, acts: Activations) -> dict[str, str]:
     }
     if s.zero == 0:
         notes["params"] = f"{width} weights, whole on every GPU"
-        notes["grads"] = "whole"
+        notes["grads"] = "whole" + (
+            ", accumulated in bf16 (ZeRO-0 has no fp32)" if t["master"] else ""
+        )
         notes["optimizer"] = "Adam m, v, whole"
         if t["master"]:
             notes["grads"] += f" + fp32 copy at the step {G(t['grads_fp32'])}"
@@ -544,14 +617,30 @@ def _notes(r: Plan, acts: Activations) -> dict[str, str]:
             if t["allreduce_flat"]
             else "none"
         )
+    elif "grads_bf16" in t:  # ZeRO-1, bf16 with fp32 gradients: DeepSpeed's BF16_Optimizer
+        notes["params"] = "bf16 weights, whole on every GPU"
+        notes["grads"] = (
+            f"fp32 buffer of the whole model {G(t['grads_fp32'])} + the bf16 .grads until the "
+            f"step {G(t['grads_bf16'])}"
+        )
+        notes["optimizer"] = f"fp32 master + Adam m, v of 1/{N}"
+        notes["buffers"] = (
+            f"fp32 gradients flattened for the all-reduce {G(t['allreduce_flat'])}"
+            if t["allreduce_flat"]
+            else "none"
+        )
     elif s.zero in (1, 2):
         notes["params"] = f"{width} weights, whole on every GPU"
         notes["grads"] = (
             "on CPU (offloaded)"
             if s.offload
+            else f"fp32 partition buffer {G(t['grad_buffer'])}"
+            if s.wide_grads
             else f"partition buffer {G(t['grad_buffer'])} (whole parameters touching the "
             f"partition) + fp32 copy of one group at the step {G(t['grads_fp32'])}"
         )
+        if t.get("grad_accum"):
+            notes["grads"] = f"fp32 grad_accum of every parameter {G(t['grad_accum'])}"
         notes["optimizer"] = (
             "on CPU (offloaded)" if s.offload else f"fp32 master + Adam m, v of 1/{N}"
         )
@@ -572,8 +661,9 @@ def _notes(r: Plan, acts: Activations) -> dict[str, str]:
         notes["grads"] = (
             f"largest layer's full gradient {G(t['grad_in_flight'])} (partitions on CPU)"
             if s.offload
-            else f"1/{N} partition {G(t['grad_partition'])} + its fp32 copy at the step "
-            f"{G(t['grads_fp32'])}; largest layer's full gradient {G(t['grad_in_flight'])}"
+            else f"1/{N} partition {G(t['grad_partition'])}"
+            + (" (fp32)" if s.wide_grads else f" + its fp32 copy at the step {G(t['grads_fp32'])}")
+            + f"; largest layer's full gradient {G(t['grad_in_flight'])}"
             + (f" + its reduce copy {G(t['reduce_copy'])}" if t["reduce_copy"] else "")
         )
         notes["optimizer"] = (
@@ -630,6 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpu-memory", type=parse_memory, default=80 * GiB, help="default 80GB")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument(
+        "--reduce-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16 only: dtype gradients are accumulated and reduced in (dist.reduce_dtype)",
+    )
     p.add_argument("--activation-checkpointing", action="store_true")
     return p
 
@@ -639,7 +735,11 @@ def format_plan(r: Plan) -> str:
     from pretrain.model import describe
 
     G = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
-    prec = "bf16 + fp32 master weights" if s.precision == "bf16" else "fp32"
+    prec = (
+        f"bf16 + fp32 master weights, gradients reduced in {s.reduce_dtype}"
+        if s.precision == "bf16"
+        else "fp32"
+    )
     lines = [
         f"model     {describe(cfg, s.seq_len)}",
         f"setup     {s.world} GPUs ({s.nodes} node(s) x {s.gpus}), ZeRO-{s.zero}"
@@ -719,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=seq,
         offload=args.offload,
         precision=args.precision,
+        reduce_dtype=args.reduce_dtype,
         activation_checkpointing=args.activation_checkpointing,
         gpu_memory=args.gpu_memory,
     )

@@ -103,6 +103,11 @@ class DistSection(Section):
     """ZeRO >= 1: keep optimizer states (and the update) on the CPU."""
     offload_params: bool = False
     """ZeRO-3: keep parameters on the CPU between uses."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Under bf16: the dtype gradients are accumulated over micro-batches and reduced across
+    ranks in. fp32 (as Megatron and torchtitan do) is exact to fp32 rounding but holds fp32
+    gradient buffers (`kiln plan` shows the cost); bf16 halves them and the traffic. ZeRO-0:
+    DeepSpeed 0.19 accumulates in bf16 either way, only the all-reduce follows this."""
 
     @property
     def world_size(self) -> int:
@@ -128,6 +133,9 @@ class CheckpointSection(Section):
     so); must: fail if there is none; none: start fresh; or a checkpoint directory path."""
     verify: bool = True
     """Check every file against the manifest's SHA-256 before loading."""
+    grace: int = Field(300, ge=10)
+    """Seconds between a stop signal and the kill (Slurm: `--signal=B:USR1@grace`); the
+    launcher gives the workers this less a margin (up to 30 s) to save a checkpoint."""
 
 
 class RunConfig(Section):

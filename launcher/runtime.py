@@ -158,11 +158,40 @@ def deepspeed_config(cfg: RunConfig, dtype: torch.dtype, world_size: int) -> dic
         steps_per_print=2**62,
         wall_clock_breakdown=False,
     )
+    resolve_gradient_dtypes(ds, dtype, cfg.dist.reduce_dtype, int(zero["stage"]), accum)
     if zero["stage"] == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     if zero["stage"] == 0 and dtype == torch.float32:
         ds["gradient_clipping"] = 0.0  # our optimizer clips (launcher/optim.py says why)
     return ds
+
+
+def resolve_gradient_dtypes(
+    ds: dict, dtype: torch.dtype, reduce_dtype: str, stage: int, accum: int
+) -> None:
+    """Fill ``communication_data_type`` and ``data_types.grad_accum_dtype`` where the template
+    says "auto" (or nothing): under bf16 ``dist.reduce_dtype``, fp32 otherwise (DeepSpeed
+    would default both to the model dtype, bf16). DeepSpeed 0.19 has no fp32 accumulation
+    under ZeRO-0 with bf16 (``_do_optimizer_sanity_check`` raises NotImplementedError): there
+    only the all-reduce follows ``dist.reduce_dtype``."""
+    bf16 = dtype == torch.bfloat16
+    want = reduce_dtype if bf16 else "fp32"
+    if ds.get("communication_data_type", "auto") == "auto":
+        ds["communication_data_type"] = want
+    types = ds.setdefault("data_types", {})
+    if types.get("grad_accum_dtype", "auto") == "auto":
+        types.pop("grad_accum_dtype", None)
+        if not (bf16 and stage == 0):
+            types["grad_accum_dtype"] = want
+        elif want == "fp32" and accum > 1 and os.environ.get("RANK", "0") == "0":
+            log.warning(
+                "ZeRO-0 with bf16: DeepSpeed accumulates the gradients of the %d micro-batches "
+                "in bf16 (it has no fp32 accumulation without ZeRO); dist.zero_stage: 1 "
+                "accumulates in fp32",
+                accum,
+            )
+    if not types:
+        del ds["data_types"]
 
 
 def _free_port() -> int:

@@ -8,12 +8,15 @@ whatever it needs from whichever file holds it and sets the local partitions wit
 ``safe_set_full_*``: a checkpoint of ZeRO-3 on 2 ranks loads on 1 rank or under ZeRO-2 as is
 (this is our "consolidation", instead of DeepSpeed's own pickled shards plus a
 universal-checkpoint conversion). Per-rank files hold the data stream and RNG states.
+Where the fp32 masters and moments live depends on the optimizer wrapper DeepSpeed chose for
+the stage and precision; ``masters`` is the one place that maps a model parameter to them.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,36 +97,85 @@ def set_adam_step(optimizer: torch.optim.Optimizer, engine, step: float) -> None
             state["step"] = torch.full_like(value, step) if torch.is_tensor(value) else step
 
 
-def _full(param: nn.Parameter, optimizer, key: str | None) -> torch.Tensor:
-    """The full fp32 value (``key`` None) or Adam moment of a parameter, on the device it lives
-    on; collective under ZeRO."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+@dataclass(frozen=True, eq=False)
+class Master:
+    """One model parameter's fp32 master value and Adam moments, wherever DeepSpeed keeps them.
 
-    if _uses_deepspeed_fragments(param):
-        value = (
-            safe_get_full_fp32_param(param)
-            if key is None
-            else safe_get_full_optimizer_state(param, key)
-        )
-    else:
-        value = param.detach() if key is None else optimizer.state[param][key]
-    return value.detach()
+    ``whole`` is the full fp32 master on this rank, its moments being
+    ``optimizer.state[whole]``: the parameter itself without a wrapper (ZeRO-0 in fp32), or
+    the wrapper's fp32 clone (``FP16_UnfusedOptimizer``, ZeRO-0 in bf16; the bf16 parameter
+    has no optimizer state). ``None``: fragments of flat fp32 partitions that the parameter
+    reaches through DeepSpeed (``ds_id`` under ZeRO-3, ``_hp_mapping`` under ZeRO-1/2 and the
+    ``BF16_Optimizer``), read and set with its ``safe_*_full_*`` helpers (collectives)."""
 
+    param: nn.Parameter
+    whole: torch.Tensor | None
+    optimizer: torch.optim.Optimizer
 
-def _set_full(param: nn.Parameter, optimizer, key: str | None, value: torch.Tensor) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    def get(self, key: str | None) -> torch.Tensor:
+        """The full fp32 value (``key`` None) or Adam moment, on the device it lives on."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if _uses_deepspeed_fragments(param):
+        if self.whole is None:
+            if key is None:
+                return safe_get_full_fp32_param(self.param).detach()
+            return safe_get_full_optimizer_state(self.param, key).detach()
+        return (self.whole if key is None else self.optimizer.state[self.whole][key]).detach()
+
+    def set(self, key: str | None, value: torch.Tensor) -> None:
+        """Set the master value (and the weight the forward pass uses) or a moment."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
         value = value.to(torch.float32)
-        if key is None:
-            safe_set_full_fp32_param(param, value.to(_fp32_device(param)))
-            _set_model_weight(param, value)
+        if self.whole is None:
+            target = value.to(_fp32_device(self.param))
+            if key is None:
+                safe_set_full_fp32_param(self.param, target)
+            else:
+                safe_set_full_optimizer_state(self.param, target, key)
         else:
-            safe_set_full_optimizer_state(param, value.to(_fp32_device(param)), key)
-        return
-    with torch.no_grad():
-        target = param if key is None else optimizer.state[param][key]
-        target.copy_(value.to(target.dtype))
+            with torch.no_grad():
+                stored = self.whole if key is None else self.optimizer.state[self.whole][key]
+                stored.copy_(value.to(stored.dtype))
+        if key is None and self.whole is not self.param:
+            _set_model_weight(self.param, value)
+
+
+def masters(model: nn.Module, optimizer, engine) -> list[tuple[str, Master]]:
+    """(name, master) of every parameter, sorted by name, for the optimizer wrapper DeepSpeed
+    chose for this stage and precision (``engine.optimizer``).
+
+    Raises ``RuntimeError`` naming the wrapper and the parameter when a parameter's master
+    cannot be found (a wrapper this module does not know, e.g. the fused FP16_Optimizer)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    wrapper = getattr(engine, "optimizer", optimizer)
+    whole: dict[int, torch.Tensor] = {}
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
+        for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True):
+            whole.update({id(lo): hi for lo, hi in zip(lows, highs, strict=True)})
+    elif wrapper is optimizer:
+        whole.update({id(p): p for g in optimizer.param_groups for p in g["params"]})
+    out = []
+    for name, param in named_parameters(model):
+        if id(param) in whole:
+            out.append((name, Master(param, whole[id(param)], optimizer)))
+        elif _uses_deepspeed_fragments(param):
+            out.append((name, Master(param, None, optimizer)))
+        else:
+            raise RuntimeError(
+                f"launcher/snapshot.py: no fp32 master for parameter {name!r} under DeepSpeed's "
+                f"{type(wrapper).__name__} (ZeRO-{_zero_stage(engine)}); checkpoints know "
+                "ZeRO 1-3, BF16_Optimizer, FP16_UnfusedOptimizer and the unwrapped optimizer"
+            )
+    return out
+
+
+def _zero_stage(engine) -> int | str:
+    try:
+        return engine.zero_optimization_stage()
+    except AttributeError:
+        return "?"
 
 
 def _fp32_device(param: nn.Parameter) -> torch.device:
@@ -149,14 +201,14 @@ def save_weights(
     """Write this rank's share of every parameter and its moments; every rank must call it."""
     ensure_moments(optimizer, engine)
     weights, moments = {}, {}
-    params = named_parameters(model)
-    owners = balance([_numel(p) for _, p in params], world)
-    for (name, param), owner in zip(params, owners, strict=True):
+    params = masters(model, optimizer, engine)
+    owners = balance([_numel(m.param) for _, m in params], world)
+    for (name, master), owner in zip(params, owners, strict=True):
         for key in (None, *MOMENTS):
             # Every rank takes part in the gather, but only the owner copies the value to the
             # host: on GPUs the other ranks' copies were (world - 1) / world of a save's
             # device-to-host traffic, thrown away.
-            value = _full(param, optimizer, key)
+            value = master.get(key)
             if owner != rank:
                 continue
             host = value.float().cpu().contiguous()
@@ -179,14 +231,14 @@ def load_weights(model: nn.Module, optimizer, engine, folder: Path) -> None:
     ):
         with safe_open(str(path), framework="pt") as f:
             where.update({key: path for key in f.keys()})  # noqa: SIM118 (not a dict)
-    for name, param in named_parameters(model):
+    for name, master in masters(model, optimizer, engine):
         for key in (None, *MOMENTS):
             stored = name if key is None else f"{name}::{key}"
             if stored not in where:
                 raise KeyError(f"{folder}: no tensor {stored!r} (a checkpoint of another model?)")
             with safe_open(str(where[stored]), framework="pt") as f:
                 value = f.get_tensor(stored)
-            _set_full(param, optimizer, key, value)
+            master.set(key, value)
 
 
 # ------------------------------------------------------------------------------------ RNG state

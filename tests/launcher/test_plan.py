@@ -114,15 +114,66 @@ def test_buffers_come_from_our_deepspeed_template():
     assert path.name == "zero2.json" and knobs["overlap_comm"] is True
     cfg = load_model("125m")
     zero2 = plan(cfg, Setup(gpus=8, zero=2))
-    # two bf16 buckets, and the copy the reduction makes of the filled part (seen on CPU)
+    # two bf16 buckets, and the copy the reduction makes of the filled part, plus its fp32
+    # copy for the fp32 reduction (dist.reduce_dtype; both seen on CPU)
     rbs = knobs["reduce_bucket_size"]
-    assert zero2.buffers == 2 * 2 * rbs + 2 * min(param_count(cfg), rbs)
+    assert zero2.buffers == 2 * 2 * rbs + (2 + 4) * min(param_count(cfg), rbs)
     assert deepspeed_knobs(1, offload=False)[0]["overlap_comm"] is False  # DeepSpeed's default
     knobs3, path3 = deepspeed_knobs(3, offload=True, d_model=cfg.d_model)
     assert path3.name == "zero3-offload.json"
     # ZeRO-3's size knobs are "auto" in the template: sized to the model like the runtime
     assert knobs3["reduce_bucket_size"] == knobs3["stage3_max_live_parameters"] == 768 * 768
     assert knobs3["stage3_param_persistence_threshold"] == 7680
+
+
+# Per-rank peaks in MiB (gradients, params + grads + optimizer, all live tensors) of the 125m
+# preset, bf16, micro-batch 1 x 32 tokens, 2 ranks on CPU: the census of
+# benchmarks/zero_memory.py, run with train.precision=bf16 and each dist.reduce_dtype.
+MEASURED_BF16 = {
+    ("fp32", 0): (707, 2357, 2593),
+    ("fp32", 1): (707, 1650, 2122),  # DeepSpeed's BF16_Optimizer: fp32 gradients of everything
+    ("fp32", 2): (236, 1179, 3793),
+    ("fp32", 3): (457, 1356, 1358),
+    ("bf16", 0): (707, 2357, 2357),
+    ("bf16", 1): (317, 1260, 2132),
+    ("bf16", 2): (317, 1260, 3086),
+    ("bf16", 3): (280, 1105, 1106),
+}
+
+
+@pytest.mark.parametrize(("reduce_dtype", "zero"), MEASURED_BF16)
+def test_gradient_memory_follows_dist_reduce_dtype_as_measured(reduce_dtype, zero):
+    grads, states, total = (x * 2**20 for x in MEASURED_BF16[reduce_dtype, zero])
+    setup = Setup(gpus=2, zero=zero, micro_batch=1, seq_len=32, reduce_dtype=reduce_dtype)
+    p = plan(load_model("125m"), setup)
+    assert p.grads == pytest.approx(grads, rel=0.01)
+    assert p.peak(without=("activations", "buffers")) == pytest.approx(states, rel=0.06)
+    assert p.total == pytest.approx(total, rel=0.09)
+
+
+def test_fp32_gradient_reduction_costs_its_memory_in_the_plan(capsys):
+    cfg = load_model("7b")
+    n = param_count(cfg)
+    both = {
+        (zero, dtype): plan(cfg, Setup(gpus=8, zero=zero, reduce_dtype=dtype))
+        for zero in (0, 1, 2, 3)
+        for dtype in ("fp32", "bf16")
+    }
+    # ZeRO-0 accumulates in bf16 either way; only its all-reduce takes an fp32 copy
+    assert both[0, "fp32"].grads == both[0, "bf16"].grads
+    assert both[0, "fp32"].buffers == both[0, "bf16"].buffers + 4 * min(n, 5e8)
+    # ZeRO-1: a whole fp32 gradient buffer beside the bf16 .grads: 6 bytes per parameter
+    assert both[1, "fp32"].grads == 6 * n
+    # ZeRO-2/3: the gradient partition in fp32 (no fp32 copy of it at the step)
+    assert both[2, "fp32"].terms["grad_buffer"] == pytest.approx(4 * n / 8, rel=1e-3)
+    assert both[3, "fp32"].terms["grad_partition"] == 2 * both[3, "bf16"].terms["grad_partition"]
+    # (ZeRO-3 in bf16 turns its partition into fp32 at the step anyway: no dearer at the peak;
+    # at 7b the activations of forward/backward may be the peak)
+    for zero in (1, 2):
+        wide, narrow = (both[zero, d].peak(without=("activations",)) for d in ("fp32", "bf16"))
+        assert wide > narrow, zero
+    assert main(["plan", "7b", "--gpus", "8", "--zero", "1", "--reduce-dtype", "bf16"]) == 0
+    assert "gradients reduced in bf16" in capsys.readouterr().out
 
 
 def test_activation_checkpointing_shrinks_activations_and_changes_the_total():
@@ -166,7 +217,8 @@ def test_planner_agrees_with_deepspeeds_estimators(preset, gpus, nodes, zero, of
     cfg = load_model(preset)
     n = param_count(cfg)
     largest = max(t.numel for t in param_tensors(cfg))
-    setup = Setup(gpus=gpus, nodes=nodes, zero=zero, offload=offload)
+    # the estimators assume 16-bit gradients: DeepSpeed's default dtypes under bf16
+    setup = Setup(gpus=gpus, nodes=nodes, zero=zero, offload=offload, reduce_dtype="bf16")
     knobs, _ = deepspeed_knobs(zero, offload, cfg.d_model)
     if zero == 3:  # one layer gathered at a time, as the estimator assumes
         knobs.update(
