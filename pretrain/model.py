@@ -56,6 +56,10 @@ class ModelConfig(Section):
     """Attention dropout (Llama's attention_dropout); Llama has no residual dropout."""
     init_std: float = Field(0.02, gt=0)
     """Standard deviation of the normal init of linear and embedding weights."""
+    init_scaled_residual: bool = True
+    """Init the projections that write into the residual stream (attention o_proj, MLP
+    down_proj) at init_std / sqrt(2 * n_layers), as GPT-2, Megatron and torchtitan do;
+    false = init_std like every other matrix."""
     norm_eps: float = Field(1e-5, gt=0)
     """Epsilon of the RMSNorm layers."""
 
@@ -166,7 +170,8 @@ def build_model(
     ``seed`` makes the initial weights reproducible without disturbing the caller's CPU
     random stream (an accelerator's generator is left seeded with it; weights built on a GPU
     differ from CPU-built ones for the same seed). ``device="meta"`` builds the module tree
-    without allocating any weights (for counting parameters of huge presets).
+    without allocating any weights (for counting parameters of huge presets). Without a seed
+    the weights are transformers' own init (not ``init_weights``): for models loaded next.
     ``special_ids`` (bos_token_id, eos_token_id, pad_token_id) go into the config.
     """
     hf_config = to_hf_config(cfg, **special_ids)
@@ -186,9 +191,22 @@ def build_model(
     return model
 
 
+RESIDUAL_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+"""Parameter name endings of the matrices whose outputs are added to the residual stream."""
+
+
+def residual_init_std(cfg: ModelConfig) -> float:
+    """The init std of the residual-stream outputs (``RESIDUAL_OUTPUTS``)."""
+    if not cfg.init_scaled_residual:
+        return cfg.init_std
+    # 2 additions per block: keeps the residual stream's variance at init independent of depth
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
 def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
-    """Llama's init (weights N(0, init_std), norms 1, padding row 0), each parameter from its
-    own generator seeded by (seed, name).
+    """Llama's init (weights N(0, init_std), norms 1, padding row 0), with the residual-stream
+    outputs at ``residual_init_std(cfg)``; each parameter from its own generator seeded by
+    (seed, name).
 
     Why not the module's own init: the values must not depend on how the model was built.
     Under ZeRO-3 transformers builds it inside ``deepspeed.zero.Init`` (partitioned as it is
@@ -196,6 +214,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     CPU; per-name CPU generators give the same weights for every stage, world and device.
     """
     pad = model.config.pad_token_id
+    residual_std = residual_init_std(cfg)
     for name, param in model.named_parameters():
         digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
@@ -205,7 +224,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
             if param.ndim == 1:
                 values = torch.ones(param.shape)
             else:
-                values = torch.empty(param.shape).normal_(0.0, cfg.init_std, generator=generator)
+                std = residual_std if name.endswith(RESIDUAL_OUTPUTS) else cfg.init_std
+                values = torch.empty(param.shape).normal_(0.0, std, generator=generator)
                 if name.endswith("embed_tokens.weight") and pad is not None:
                     values[pad] = 0.0
             with torch.no_grad():

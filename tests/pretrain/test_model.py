@@ -189,6 +189,23 @@ def test_same_seed_gives_identical_weights_and_another_seed_different_ones() -> 
     assert first["model.embed_tokens.weight"].std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def test_residual_outputs_start_at_init_std_over_sqrt_2_n_layers_unless_turned_off() -> None:
+    scaled = build_model(load_preset("tiny"), seed=0).state_dict()
+    plain = build_model(load_preset("tiny", init_scaled_residual=False), seed=0).state_dict()
+    residual = [k for k in scaled if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(residual) == 2 * 4  # tiny: 4 layers
+    for key in residual:
+        assert scaled[key].std().item() == pytest.approx(0.02 / (2 * 4) ** 0.5, rel=0.05), key
+        assert plain[key].std().item() == pytest.approx(0.02, rel=0.05), key
+        # the same draws, scaled: turning it off gives back the unscaled init exactly
+        torch.testing.assert_close(scaled[key] * (2 * 4) ** 0.5, plain[key])
+    for key in scaled.keys() - residual:  # every other weight is untouched by the flag
+        assert torch.equal(scaled[key], plain[key]), key
+    assert scaled["model.layers.0.self_attn.q_proj.weight"].std().item() == pytest.approx(
+        0.02, rel=0.05
+    )
+
+
 def test_seeded_build_leaves_the_callers_random_stream_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(4)
