@@ -352,11 +352,6 @@ class ProgressBar:
         self.plain = not _is_terminal(self._stream) if plain is None else plain
         self.enabled, self.every_s = enabled, every_s
         self._bar = None
-        if not self.plain:
-            self._bar = tqdm(
-                total=total, initial=initial, unit="step", dynamic_ncols=True,
-                disable=not enabled, file=self._stream,
-            )  # fmt: skip
         self.reset(total, initial)
 
     def reset(self, total: int, initial: int = 0) -> None:
@@ -364,6 +359,11 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.reset(total=total)
             self._bar.update(initial)
+        elif not self.plain and total:  # not before the horizon is known: no stray `0step`
+            self._bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=not self.enabled, file=self._stream,
+            )  # fmt: skip
         self.total, self._step, self._start_step = total, initial, initial
         self._started = self._last_line = time.monotonic()
         self._postfix: dict[str, str] = {}
@@ -380,7 +380,8 @@ class ProgressBar:
         self._postfix = {label: _short(metrics[k]) for k, label in self.fields if k in metrics}
         if self._bar is not None:
             self._bar.set_postfix(self._postfix, refresh=False)
-        else:
+            self.update(max(self._step, step))  # a logged step moves the bar too
+        elif self.plain:
             self._step = max(self._step, step)
             self._line()
 
