@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ USER_SYMBOLS = ["\n", "\t"]
 EOS_CANDIDATES = ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>"]
 BOS_CANDIDATES = ["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"]
 PAD_CANDIDATES = ["<pad>", "<|padding|>", "<|pad|>", "[PAD]"]
+log = logging.getLogger(__name__)
 _MAX_LINE_BYTES = 8192  # sentencepiece skips longer "sentences" (we allow 16384) — split them
 
 
@@ -277,9 +280,12 @@ def sentencepiece_to_hf(model_proto: bytes) -> Tokenizer:
     return tok
 
 
-def _training_lines(texts: Iterable[str]) -> Iterable[str]:
-    """Documents as sentencepiece "sentences": their lines, long ones cut at spaces."""
+def _training_lines(texts: Iterable[str], drop: dict[int, str] | None = None) -> Iterable[str]:
+    """Documents as sentencepiece "sentences": their lines, long ones cut at spaces; with
+    ``drop`` (a ``str.translate`` table to newlines), also cut at those characters."""
     for text in texts:
+        if drop:
+            text = text.translate(drop)
         for line in text.split("\n"):
             while len(line.encode("utf-8")) > _MAX_LINE_BYTES:
                 cut = line.rfind(" ", 0, _MAX_LINE_BYTES // 4) + 1 or _MAX_LINE_BYTES // 4
@@ -287,6 +293,28 @@ def _training_lines(texts: Iterable[str]) -> Iterable[str]:
                 line = line[cut:]
             if line:
                 yield line
+
+
+def _rare_characters(texts: Sequence[str], vocab_size: int) -> dict[int, str]:
+    """A ``str.translate`` table turning into newlines every character beyond the ones a
+    ``vocab_size`` vocabulary can hold besides its specials and bytes, counted the way
+    sentencepiece does (a space is its "▁"); byte fallback encodes them. Logs what it drops."""
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(text)
+    counts["▁"] += counts.pop(" ", 0)
+    room = vocab_size - len(SPECIALS) - 256 - len(USER_SYMBOLS) - 8  # 8: a margin for ties
+    common = {c for c, _ in counts.most_common(room)} | {" ", *USER_SYMBOLS}
+    rare = [c for c in counts if c not in common]
+    log.warning(
+        "tokenizer sample: %d distinct characters, more than tokenizer.vocab_size=%d holds; "
+        "the %d rarest (%.2f%% of the text) are left to byte fallback",
+        len(counts),
+        vocab_size,
+        len(rare),
+        100 * sum(counts[c] for c in rare) / max(1, counts.total()),
+    )
+    return {ord(c): "\n" for c in rare}
 
 
 @dataclass
@@ -313,14 +341,21 @@ def train_tokenizer(
     start = time.perf_counter()
     out = Path(out_dir)
     sample: list[str] = []
-    n_bytes = 0
+    n_bytes = skipped = 0
     digest = hashlib.sha256(cfg.model_dump_json().encode())
     for text in texts:
         if len(sample) >= cfg.sample_docs or n_bytes >= cfg.sample_bytes:
             break
+        try:
+            encoded = text.encode("utf-8")
+        except (AttributeError, UnicodeEncodeError):  # not a str, or lone surrogates
+            skipped += 1
+            continue
         sample.append(text)
-        n_bytes += len(text.encode("utf-8"))
-        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+        n_bytes += len(encoded)
+        digest.update(hashlib.sha256(encoded).digest())
+    if skipped:
+        log.warning("tokenizer sample: skipped %d texts that are not valid Unicode", skipped)
     if not sample:
         raise TokenizerError("no documents to train the tokenizer on")
     stamp = out / "kiln_tokenizer.json"
@@ -329,12 +364,13 @@ def train_tokenizer(
         loaded = TextTokenizer.load(out)
         return TrainedTokenizer(loaded, out, len(sample), n_bytes, 0.0, reused=True)
 
-    proto = io.BytesIO()
     ids = {f"{role}_id": i for i, role in enumerate(SPECIALS)}
     pieces = {f"{role}_piece": piece for role, piece in SPECIALS.items()}
-    try:
+
+    def train(lines: Iterable[str]) -> bytes:
+        proto = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_training_lines(sample)),
+            sentence_iterator=iter(lines),
             model_writer=proto,
             model_type="bpe",
             vocab_size=cfg.vocab_size,
@@ -352,6 +388,18 @@ def train_tokenizer(
             **ids,
             **pieces,
         )
+        return proto.getvalue()
+
+    try:
+        try:
+            model_proto = train(_training_lines(sample))
+        except RuntimeError as exc:
+            if "required_chars" not in str(exc):
+                raise
+            # More distinct characters than the vocabulary holds at this coverage (a few
+            # documents of random symbols do that; sentencepiece refuses a coverage < 0.98):
+            # train without the rarest, which byte fallback encodes anyway.
+            model_proto = train(_training_lines(sample, _rare_characters(sample, cfg.vocab_size)))
     except RuntimeError as exc:
         limit = re.search(r"value <= (\d+)", str(exc))
         if limit:
@@ -361,7 +409,6 @@ def train_tokenizer(
                 "or give more text (tokenizer.sample_docs, tokenizer.sample_bytes)"
             ) from None
         raise TokenizerError(f"sentencepiece training failed: {exc}") from None
-    model_proto = proto.getvalue()
     tokenizer = TextTokenizer(
         sentencepiece_to_hf(model_proto),
         eos_token=SPECIALS["eos"],

@@ -53,8 +53,14 @@ class DataConfig(Section):
     packed sequence (costs a seq_len x seq_len mask per sequence with SDPA)."""
     shuffle: bool = True
     """Shuffle the order of files (and file stripes) every epoch."""
-    shuffle_window: int = Field(512, ge=0)
-    """Documents held in the shuffle window of each reader (0 or 1: no shuffling)."""
+    shuffle_window_tokens: int = Field(262_144, ge=0)
+    """Tokens held in the shuffle window of each reader, which packs the next document drawn
+    at random from it (0: no shuffling). Filling it reads at most one epoch ahead (a source's
+    next epoch waits until its previous one has left the window), and documents over 65,536
+    characters do not wait in it: they stream into the packer chunk by chunk when read."""
+    shuffle_window: int | None = Field(None, ge=0)
+    """At most this many documents in the window besides the token bound (0 or 1: no
+    shuffling; null: the token bound alone)."""
     num_workers: int = Field(1, ge=0)
     """DataLoader worker processes per rank reading and tokenizing (0: in the main process)."""
     on_error: Literal["skip", "raise"] = "skip"

@@ -9,13 +9,19 @@ of other stripes are split off but never decoded. Problems with one record (``RE
 are yielded as ``CorpusError`` values, so a caller can count and skip them; problems with the
 whole file (missing, truncated, unreadable, no text column) raise after everything good before
 them. Messages name the file and, where known, the line (row): see ``.file``/``.line``/``.kind``.
+
+Whatever one record holds, it becomes a ``Document`` or a record-level ``CorpusError``: every
+record goes through ``guarded`` (no exception but ``MemoryError`` leaves it), and a document's
+text and id are valid Unicode (encodable as UTF-8: no lone surrogates, which JSON's ``\\ud800``
+escapes can produce), so no later step (tokenizer, hashing, logging) meets a string it cannot
+encode.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -37,7 +43,16 @@ __all__ = [
 FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 
 RECORD_ERRORS = frozenset(
-    {"invalid_json", "invalid_utf8", "missing_text", "empty_text", "too_long"}
+    {
+        "invalid_json",  # not JSON (also nested too deeply, integers over 4300 digits), no object
+        "invalid_utf8",  # the line's bytes (or a parquet string) are not UTF-8
+        "invalid_unicode",  # the text or id holds a lone surrogate (valid JSON, not Unicode)
+        "missing_text",  # no text field, or one that is not a string (null, number, list, ...)
+        "empty_text",
+        "too_long",
+        "invalid_record",  # anything else that failed while converting the record
+        "encode_error",  # the tokenizer failed on the document (the stream's kind)
+    }
 )
 """Kinds of ``CorpusError`` that concern one record; the rest of the file is still readable."""
 
@@ -69,12 +84,31 @@ class CorpusError(UserError):
     def __init__(
         self, message: str, *, file: str | None = None, line: int | None = None, kind: str = ""
     ):
+        # A message may quote the record (a key, a lone surrogate): keep it encodable for logs.
+        message = printable(message)
         self.file = file
         self.line = line
         self.kind = kind
         self.reason = message
         where = f"{file}:{line}" if file is not None and line is not None else file
+        where = printable(where) if where else where  # a file name may not be UTF-8 either
         super().__init__(f"{where}: {message}" if where else message)
+
+
+def printable(text: str) -> str:
+    """``text`` with whatever UTF-8 cannot encode (lone surrogates) as ``\\udXXX`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode, i.e. encodable as UTF-8 (no lone surrogates)."""
+    if text.isascii():  # O(1) for Python's compact strings: the common case costs nothing
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -198,7 +232,9 @@ def scan(
                 if raw is None:
                     message = f"the record is {size} bytes, over the limit of {max_bytes}"
                     yield _bad(path, index + 1, "too_long", message), after
-                elif item := _json_record(raw, index, path, text_field, id_field, stats):
+                elif item := guarded(
+                    path, index + 1, _json_record, raw, index, path, text_field, id_field, stats
+                ):
                     yield item, after
     finally:
         f.close()
@@ -223,23 +259,52 @@ def _bad(path: str, line: int, kind: str, message: str) -> CorpusError:
     return CorpusError(message, file=path, line=line, kind=kind)
 
 
+def guarded(
+    path: str, line: int, convert: Callable[..., Document | CorpusError | None], *args: Any
+) -> Document | CorpusError | None:
+    """``convert(*args)``, the one way a record becomes a document: any exception it raises
+    (but ``MemoryError``) is the record's ``invalid_record`` error, never the file's or the run's.
+    """
+    try:
+        return convert(*args)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        message = f"cannot read the record: {type(exc).__name__}: {exc}"
+        return _bad(path, line, "invalid_record", message)
+
+
 def text_record(
     text: Any, doc_id: Any, path: str, line: int, text_field: str, max_bytes: int | None
 ) -> Document | CorpusError:
-    """The document of a record whose text field holds ``text``, or why there is none."""
+    """The document of a record whose text field holds ``text``, or why there is none.
+
+    The text must be a non-blank string of valid Unicode (so must the record's id, as a
+    string) and, with ``max_bytes``, at most that many bytes of UTF-8.
+    """
     if not isinstance(text, str):
         kind = "null" if text is None else type(text).__name__
         return _bad(path, line, "missing_text", f"{text_field!r} is {kind}, not a string")
     if not text.strip():
         return _bad(path, line, "empty_text", f"{text_field!r} is empty or blank")
+    if not is_unicode(text):
+        return _bad(path, line, "invalid_unicode", _not_unicode(text_field, text))
     if max_bytes is not None and len(text) * 4 > max_bytes and len(text.encode()) > max_bytes:
         size = len(text.encode())
         return _bad(
             path, line, "too_long", f"the text is {size} bytes, over the limit of {max_bytes}"
         )
-    return Document(
-        text=text, id=f"{path}:{line}" if doc_id is None else str(doc_id), file=path, line=line
-    )
+    if doc_id is None:
+        doc_id = f"{path}:{line}"
+    elif not is_unicode(doc_id := str(doc_id)):
+        return _bad(path, line, "invalid_unicode", _not_unicode("id", doc_id))
+    return Document(text=text, id=doc_id, file=path, line=line)
+
+
+def _not_unicode(what: str, text: str) -> str:
+    at = next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
+    surrogate = f"U+{ord(text[at]):04X}"
+    return f"{what!r} is not valid Unicode: a lone surrogate {surrogate} at character {at}"
 
 
 # ---------------------------------------------------------------------------------- JSON lines
@@ -456,6 +521,10 @@ def _json_record(
         record = json.loads(decoded)
     except json.JSONDecodeError as exc:
         return _bad(path, line, "invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return _bad(path, line, "invalid_json", "invalid JSON: nested too deeply to parse")
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        return _bad(path, line, "invalid_json", f"invalid JSON: {exc}")
     if not isinstance(record, dict):
         message = f"expected a JSON object, got {type(record).__name__}"
         return _bad(path, line, "invalid_json", message)

@@ -15,9 +15,11 @@ document of the epoch is read exactly once.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -30,13 +32,26 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from launcher.errors import UserError
 from pretrain.data.config import DataConfig
+from pretrain.data.documents import RECORD_ERRORS, STATS
+from pretrain.data.packing import Piece, hand_over, own_segment
 from pretrain.data.plan import Layout, SourcePlan, redistribute
 from pretrain.data.sources import ResolvedCorpus
 from pretrain.data.stream import ReaderStream, apply_delta, fresh_state
 from pretrain.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
+SKIP_KINDS = (
+    *sorted(RECORD_ERRORS),
+    *("changed_file", "empty_glob", "invalid_file_name", "missing_column", "missing_file"),
+    *("truncated", "unknown_format", "unreadable", "other"),
+)
+COUNTERS = (
+    *("documents", "held_out", "chunk_cut_mismatch", *STATS),
+    *(f"skipped_{kind}" for kind in SKIP_KINDS),
+)
+"""The data counters every rank reports, in this order (``stats``)."""
+_LOADS = (1, 2)  # version 1 (before long documents streamed) loads: no stream in progress
 
 
 class DataStateError(UserError):
@@ -62,6 +77,20 @@ class _ReaderDataset(IterableDataset):
         # a round trip per tensor that cost more than pickling the few kB of a batch.
         for batch, delta in reader.batches(self.batch_size):
             yield {"batch": batch, "delta": delta, "worker": worker}
+
+
+def _end_workers_at_exit() -> None:
+    """Our workers ignore SIGTERM (a stop signal is the trainer's), but at exit Python's
+    multiprocessing sends its daemonic children SIGTERM and then waits for them: a process
+    leaving with a live iterator (an exception's traceback holds it) hung there forever.
+    Registered after multiprocessing's own exit hook, so it runs first."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+atexit.register(_end_workers_at_exit)
 
 
 def _die_with_parent() -> None:
@@ -130,6 +159,9 @@ class StreamLoader:
             num_workers=self.workers,
             collate_fn=_as_is,
             prefetch_factor=4 if self.workers else None,
+            # its own generator: starting an iterator draws a seed, which from the global RNG
+            # would shift dropout after a resume (our readers carry their own RNG state)
+            generator=torch.Generator().manual_seed(self.seed),
         )
         for item in loader:
             g = order[item["worker"]]
@@ -140,6 +172,17 @@ class StreamLoader:
             self.batches += 1
             yield {k: torch.from_numpy(v) for k, v in batch.items()}
 
+    def position(self) -> tuple:
+        """Where the stream is (as of the last batch taken), cheaply: reader states are
+        replaced per batch, never modified, so references suffice. For ``rewind``."""
+        return dict(self._states), self._next, self.emitted.copy(), self.batches
+
+    def rewind(self, position: tuple) -> None:
+        """Back to a ``position()``: batches taken since are given back (a step that will not
+        run). A running iterator must not be used after this; a new one continues from here."""
+        states, self._next, emitted, self.batches = position
+        self._states, self.emitted = dict(states), emitted.copy()
+
     # ---------------------------------------------------------------------------- metrics
 
     def stats(self) -> dict[str, float]:
@@ -149,7 +192,13 @@ class StreamLoader:
             counters.update(state["counters"])
         if self.rank == 0:  # paths that matched nothing, found once when the corpus was listed
             counters.update({f"skipped_{kind}": n for kind, n in self.corpus.problems.items()})
-        out = {f"data/{k}": float(v) for k, v in sorted(counters.items())}
+        # Every rank reports the same names (the metrics all-reduce requires it, and which
+        # kinds a rank met depends on its share of the corpus): the fixed list, zeros included,
+        # and any kind not in it counted under skipped_other, never dropped.
+        out = dict.fromkeys((f"data/{k}" for k in COUNTERS), 0.0)
+        for key, value in counters.items():
+            name = f"data/{key}" if key in COUNTERS else "data/skipped_other"
+            out[name] += float(value)
         total = max(int(self.emitted.sum()), 1)
         for source, n in zip(self.corpus.sources, self.emitted, strict=True):
             out[f"data/mix/{source.label}"] = float(n) / total
@@ -182,9 +231,9 @@ class StreamLoader:
         parts = [states] if isinstance(states, dict) else list(states)
         first = parts[0]
         for part in parts:
-            if part.get("version") != STATE_VERSION:
+            if part.get("version") not in _LOADS:
                 raise DataStateError(
-                    f"data state version {part.get('version')} is not {STATE_VERSION}"
+                    f"data state version {part.get('version')} is not one of {_LOADS}"
                 )
             if part["fingerprint"] != self.corpus.fingerprint():
                 raise DataStateError(
@@ -229,8 +278,23 @@ class StreamLoader:
             for s, src in enumerate(self.corpus.sources)
         ]
         cursors = redistribute(plans, [st["cursors"] for st in old], n_old, n_new)
-        leftovers = [p for st in old for p in (*st["window"], *st["packer"])]
+        # Window documents are dealt round-robin; each old packer's leftovers and long documents
+        # in progress go, in order, to one new reader (old reader g to new reader g % n_new),
+        # as pieces of their own documents beginning segments (``packing.hand_over``).
+        window = [
+            own_segment(part)
+            for st in old
+            for p in st["window"]
+            for part in Piece(p["tokens"], p["spans"]).split()
+        ]
+        packers = [[] for _ in range(n_new)]
+        streams = [[] for _ in range(n_new)]
+        for g, st in enumerate(old):
+            pieces = [Piece(p["tokens"], p["spans"]) for p in st["packer"]]
+            packers[g % n_new] += hand_over(pieces)
+            streams[g % n_new] += [{**ref, "restart": True} for ref in st.get("streams", [])]
         mixed = np.sum([st["mixed"] for st in old], axis=0) // n_new
+        read_epoch = np.max([st.get("read_epoch", [0] * len(plans)) for st in old], axis=0)
         counters: Counter = Counter()
         for st in old:
             counters.update(st["counters"])
@@ -244,7 +308,10 @@ class StreamLoader:
             state.update(
                 cursors=cursors[g],
                 mixed=[int(x) for x in mixed],
-                window=leftovers[g::n_new],
+                window=[{"tokens": p.tokens, "spans": p.spans} for p in window[g::n_new]],
+                packer=[{"tokens": p.tokens, "spans": p.spans} for p in packers[g]],
+                streams=streams[g],
+                read_epoch=[int(x) for x in read_epoch],
                 counters=dict(counters) if g == 0 else {},
                 generation=generation,
             )

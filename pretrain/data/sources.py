@@ -15,7 +15,7 @@ from pathlib import Path
 import fsspec
 
 from pretrain.data.config import DataConfig, SourceConfig
-from pretrain.data.documents import CorpusError, Document, scan
+from pretrain.data.documents import CorpusError, Document, is_unicode, scan
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,20 @@ def expand_paths(
     source: SourceConfig, key: str, on_error: str = "raise"
 ) -> tuple[list[str], list[CorpusError]]:
     """Every file of a source, globs expanded, in a stable order, and the paths that matched
-    nothing (a glob without match is ``empty_glob``, an absent file ``missing_file``).
+    nothing (a glob without match is ``empty_glob``, an absent file ``missing_file``) or whose
+    names are not UTF-8 (``invalid_file_name``).
 
     With ``on_error == "raise"`` the first such path raises ``CorpusError`` naming its key.
     """
     files: list[str] = []
     problems: list[CorpusError] = []
+
+    def skip(problem: CorpusError) -> None:
+        if on_error == "raise":
+            raise problem
+        log.warning("%s; skipped", problem)
+        problems.append(problem)
+
     for i, pattern in enumerate(source.paths):
         if "://" in pattern:
             fs, _, _ = fsspec.get_fs_token_paths(pattern)
@@ -70,12 +78,13 @@ def expand_paths(
         if not found:
             kind = "empty_glob" if glob.has_magic(pattern) else "missing_file"
             message = "matches no file" if kind == "empty_glob" else "no such file"
-            problem = CorpusError(f"{key}.paths.{i}: '{pattern}' {message}", kind=kind)
-            if on_error == "raise":
-                raise problem
-            log.warning("%s; skipped", problem)
-            problems.append(problem)
-        files.extend(found)
+            skip(CorpusError(f"{key}.paths.{i}: '{pattern}' {message}", kind=kind))
+        for path in found:
+            if is_unicode(path):
+                files.append(path)
+            else:  # listed with lone surrogates, which no fingerprint, key or log can encode
+                message = f"{key}.paths.{i}: '{path}' is not a UTF-8 file name; rename it"
+                skip(CorpusError(message, kind="invalid_file_name"))
     return files, problems
 
 

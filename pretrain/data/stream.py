@@ -2,9 +2,19 @@
 
 A reader is one DataLoader worker of one rank. Everything it needs to continue exactly where
 it stopped is in ``state``: per source a cursor (which file segment, and the file position
-after the last record consumed), the tokens taken per source (for the mix), the shuffle
-window's documents, the packer's leftover tokens, the window's RNG and the skip counters.
-Nothing is re-read on resume: each segment is reopened at its saved position.
+after the last record consumed) and the epoch it last read, the tokens taken per source (for
+the mix), the shuffle window's documents, the packer's leftover tokens, the long documents in
+progress, the window's RNG and the skip counters. Each segment is reopened at its saved
+position; the one record re-read on resume is a long document in progress.
+
+The shuffle window is bounded by tokens (``data.shuffle_window_tokens``, optionally also by
+documents) and reads at most one epoch ahead: once a source's next epoch is read, the reader
+waits for that source's older documents to leave the window before reading it again, so a
+corpus of one document never holds more than two readings of it. Documents longer than
+``LONG_CHARS`` never wait in the window: they stream into the packer chunk by chunk as soon
+as they are read (``chunks.py``), so the first batch comes after one chunk however long the
+document, and the state names such a document by its place in its file, the chunk and the
+tokens of it already packed (``streams``), never by its text or its tokens.
 
 Mixing is by *tokens*: the next document comes from the source furthest below its share of
 the tokens taken so far, so a 0.7 / 0.3 mix is 0.7 / 0.3 of the training tokens (within one
@@ -17,13 +27,23 @@ import copy
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from typing import Any
 
 import numpy as np
 
+from pretrain.data.chunks import (
+    CHUNK_CHARS,
+    LONG_CHARS,
+    chunk_end,
+    encode_chunk,
+    encode_chunked,
+    splices_cleanly,
+)
 from pretrain.data.config import DataConfig
 from pretrain.data.documents import CorpusError, Document, scan
-from pretrain.data.packing import Packer, Piece
+from pretrain.data.packing import BEGINS, CONTINUES, Packer, Piece
 from pretrain.data.plan import Layout, SourcePlan, new_cursor
 from pretrain.data.sources import ResolvedCorpus, is_held_out
 from pretrain.tokenizer import TextTokenizer
@@ -51,6 +71,8 @@ def fresh_state(layout: Layout, n_sources: int, seed: int) -> dict:
         "mixed": [0] * n_sources,
         "window": [],
         "packer": [],
+        "streams": [],
+        "read_epoch": [0] * n_sources,
         "rng": np.random.default_rng([seed, layout.count, layout.index]).bit_generator.state,
         "counters": {},
         "generation": 0,
@@ -76,6 +98,18 @@ class ReaderStream:
         self.cursors = copy.deepcopy(state["cursors"])
         self.mixed = list(state["mixed"])
         self.window = [Piece(p["tokens"], p["spans"]) for p in state["window"]]
+        self.window_tokens = sum(len(p) for p in self.window)
+        self._window_epochs: Counter = Counter()  # (source, epoch mod 256) -> spans in window
+        for piece in self.window:
+            self._count(piece, 1)
+        # Long documents in progress: {"source", "segment" (file position before the record),
+        # "line", "key", "length" (characters), "chars" (where the current chunk starts),
+        # "taken" (its tokens packed so far), "restart" (after a hand-over)}.
+        self.streams = copy.deepcopy(state.get("streams", []))
+        self._text: str | None = None  # the text of streams[0], once read
+        self._chunk: np.ndarray | None = None  # the tokens of its current chunk, once encoded
+        self._chunk_end = 0
+        self.read_epoch = list(state.get("read_epoch") or [_epoch(c) for c in self.cursors])
         self.packer = Packer(
             cfg.seq_len, cfg.document_boundaries, cfg.track_documents, len(self.plans)
         )
@@ -91,11 +125,23 @@ class ReaderStream:
         self._prefix = [tokenizer.bos_id] if cfg.add_bos else []
         if cfg.add_bos and tokenizer.bos_id is None:
             raise CorpusError("data.add_bos is set but the tokenizer has no BOS token")
+        cap = cfg.shuffle_window
+        self._shuffled = cfg.shuffle and cfg.shuffle_window_tokens > 0 and (cap is None or cap > 1)
+        self._long: int | None = LONG_CHARS  # None: nothing is cut into chunks
+        self._chunk_chars = CHUNK_CHARS
+        if not splices_cleanly(tokenizer):
+            log.warning(
+                "%s does not give the same ids when a text is cut at a space: long documents "
+                "are encoded whole (their first batch waits for the whole document)",
+                tokenizer.source or "the tokenizer",
+            )
+            self._long = None
 
     # -------------------------------------------------------------------------- documents
 
-    def _next_document(self, s: int) -> tuple[Document, int]:
-        """The next good, not held-out document of source ``s`` and its epoch."""
+    def _next_document(self, s: int) -> tuple[Document, dict]:
+        """The next good, not held-out document of source ``s`` and its file segment, with
+        the position before the document as its ``start`` (where it can be read again)."""
         source, cursor = self.corpus.sources[s], self.cursors[s]
         while True:
             if self._scans[s] is None:
@@ -112,6 +158,7 @@ class ReaderStream:
                     max_bytes=self.cfg.max_document_bytes,
                     stats=self.counters,
                 )
+            before = cursor["current"]["start"]
             try:
                 item, position = next(self._scans[s])
             except StopIteration:
@@ -139,7 +186,7 @@ class ReaderStream:
                 self.counters["held_out"] += 1
                 continue
             self._empty_segments[s] = 0
-            return item, cursor["current"]["epoch"]
+            return item, {**cursor["current"], "start": before}
 
     def _bad(self, error: CorpusError) -> None:
         if self.cfg.on_error == "raise":
@@ -149,33 +196,174 @@ class ReaderStream:
         if self.counters[f"skipped_{kind}"] <= self.cfg.log_bad_records:
             log.warning("skipped (%s): %s", kind, error)
 
-    def _next_piece(self) -> Piece:
-        """Tokenize the next document of the source furthest below its share of tokens."""
-        deficit = self._weights * sum(self.mixed) - np.array(self.mixed)
-        s = int(np.argmax(deficit))
-        doc, epoch = self._next_document(s)
-        tokens = [*self._prefix, *self.tokenizer.encode(doc.text), self.tokenizer.eos_id]
+    def _source(self) -> int:
+        """The source furthest below its share of the tokens taken so far."""
+        return int(np.argmax(self._weights * sum(self.mixed) - np.array(self.mixed)))
+
+    def _next_piece(self) -> Piece | None:
+        """Tokenize the next document of the source furthest below its share of tokens;
+        ``None`` when it is long: it then streams (``streams``) before anything else."""
+        s = self._source()
+        while True:  # a document the tokenizer fails on is one skipped record, not the run's end
+            doc, segment = self._next_document(s)
+            epoch = self.read_epoch[s] = segment["epoch"]
+            key = document_key(s, doc.file, doc.line, epoch)
+            if self._long is not None and len(doc.text) > self._long:
+                ref = {"source": s, "segment": segment, "line": doc.line, "key": key}
+                self.streams.append({**ref, "length": len(doc.text), "chars": 0, "taken": 0})
+                self._text = doc.text
+                self.counters["documents"] += 1
+                return None
+            ids = self._encode(doc.file, doc.line, self._encode_text, doc.text)
+            if ids is not None:
+                break
+        tokens = [*self._prefix, *ids, self.tokenizer.eos_id]
         self.mixed[s] += len(tokens)
         self.counters["documents"] += 1
-        return Piece.document(tokens, s, document_key(s, doc.file, doc.line, epoch))
+        return Piece.document(tokens, s, key)
+
+    def _encode(self, file: str, line: int, encode: Callable, *args: Any) -> Any:
+        """``encode(*args)``, or ``None`` (a counted ``encode_error`` skip) when the tokenizer
+        fails on the document at ``file:line``."""
+        try:
+            return encode(*args)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except BaseException as exc:  # also Rust panics: pyo3's PanicException is one
+            message = f"the tokenizer failed on it: {type(exc).__name__}: {exc}"
+            self._bad(CorpusError(message, file=file, line=line, kind="encode_error"))
+            return None
+
+    def _encode_text(self, text: str) -> list[int]:
+        if self._long is None:
+            return self.tokenizer.encode(text)
+        return encode_chunked(self.tokenizer, text, self._chunk_chars)  # faster when long
+
+    # ----------------------------------------------------------------------- long documents
+
+    def _next_part(self) -> Piece:
+        """At most ``seq_len`` more tokens of the first long document in progress.
+
+        Its current chunk is encoded once and held here, not in the state, which says where
+        the chunk starts (``chars``) and how many of its tokens the packer took (``taken``):
+        a resume encodes that chunk again. So the state stays small per batch.
+        """
+        ref = self.streams[0]
+        if self._text is None:
+            self._text = self._reread(ref)
+            if self._text is None:  # skipped: it cannot be read again
+                self.streams.pop(0)
+                return Piece.document([], ref["source"], ref["key"])
+        if self._chunk is None:
+            self._chunk, self._chunk_end = self._encode_chunk(ref)
+        taken = ref["taken"]
+        tokens = self._chunk[taken : taken + self.cfg.seq_len]
+        # A part continues the tokens before it, unless they went to another reader.
+        restart = len(tokens) > 0 and ref.pop("restart", False)
+        starts = BEGINS if restart or ref["chars"] == taken == 0 else CONTINUES
+        ref["taken"] = taken + len(tokens)
+        if ref["taken"] == len(self._chunk):
+            if self._chunk_end == len(self._text):
+                self.streams.pop(0)
+                self._text = None
+            ref["chars"], ref["taken"] = self._chunk_end, 0
+            self._chunk = None
+        self.mixed[ref["source"]] += len(tokens)
+        spans = np.array([[ref["source"], ref["key"], len(tokens), starts]], dtype=np.int64)
+        return Piece(tokens, spans)
+
+    def _encode_chunk(self, ref: dict) -> tuple[np.ndarray, int]:
+        """The tokens of the chunk of ``self._text`` from ``ref["chars"]``, and its end."""
+        text, start = self._text, ref["chars"]
+        end = chunk_end(text, start, self._chunk_chars if self._long else len(text))
+        file = self.corpus.sources[ref["source"]].files[ref["segment"]["file"]]
+        chunk = text[start:end]
+        encoded = self._encode(file, ref["line"], encode_chunk, self.tokenizer, chunk, start > 0)
+        if encoded is None:  # the rest is skipped: the document ends here
+            ids, end = [], len(text)
+        else:
+            ids, clean = encoded
+            self.counters["chunk_cut_mismatch"] += not clean
+        head = self._prefix if start == 0 else []
+        tail = [self.tokenizer.eos_id] if end == len(text) else []
+        return np.asarray([*head, *ids, *tail], dtype=np.int32), end
+
+    def _reread(self, ref: dict) -> str | None:
+        """The text of a long document in progress, read again from its file (on resume);
+        ``None`` (a counted ``changed_file`` skip) when it is not there any more."""
+        source, seg = self.corpus.sources[ref["source"]], ref["segment"]
+        path = source.files[seg["file"]]
+        records = scan(
+            path,
+            format=source.format,
+            text_field=source.text_field,
+            start=seg["start"],
+            stripe=seg["stripe"],
+            stripes=seg["stripes"],
+            max_bytes=self.cfg.max_document_bytes,
+        )
+        item = None
+        with closing(records):
+            for item, _ in records:
+                if item.line is not None and item.line >= ref["line"]:
+                    break
+        found = isinstance(item, Document) and item.line == ref["line"]
+        if found and len(item.text) == ref["length"]:
+            return item.text
+        message = "the long document in progress is not there any more (the file changed)"
+        self._bad(CorpusError(message, file=path, line=ref["line"], kind="changed_file"))
+        return None
 
     # -------------------------------------------------------------------------- sequences
 
     def sequences(self) -> Iterator[dict[str, np.ndarray]]:
-        window = self.cfg.shuffle_window if self.cfg.shuffle else 0
         while True:
             while not self.packer.ready():
-                if window <= 1 and not self.window:
-                    self.packer.add(self._next_piece())
-                    continue
-                while len(self.window) < window:
-                    piece = self._next_piece()
-                    self.window.append(piece)
-                    self.window_ops.append(("add", piece.tokens, piece.spans))
-                i = int(self.rng.integers(len(self.window)))
-                self.packer.add(swap_pop(self.window, i))
-                self.window_ops.append(("pop", i))
+                self._feed()
             yield self.packer.pop()
+
+    def _feed(self) -> None:
+        """Add to the packer: the next chunk of a long document in progress; else a document
+        drawn from the window, filled first as far as its bounds allow; else the next one."""
+        if self.streams:
+            self.packer.add(self._next_part())
+            return
+        if not self._shuffled and not self.window:
+            if (piece := self._next_piece()) is not None:
+                self.packer.add(piece)
+            return
+        while self._shuffled and self._room() and not self._blocked(self._source()):
+            piece = self._next_piece()
+            if piece is None:
+                return  # a long document: it streams first
+            self.window.append(piece)
+            self.window_tokens += len(piece)
+            self._count(piece, 1)
+            self.window_ops.append(("add", piece.tokens, piece.spans))
+        i = int(self.rng.integers(len(self.window)))
+        piece = swap_pop(self.window, i)
+        self.window_tokens -= len(piece)
+        self._count(piece, -1)
+        self.window_ops.append(("pop", i))
+        self.packer.add(piece)
+
+    def _room(self) -> bool:
+        cap = self.cfg.shuffle_window
+        full = cap is not None and len(self.window) >= cap
+        return not full and self.window_tokens < self.cfg.shuffle_window_tokens
+
+    def _blocked(self, s: int) -> bool:
+        """Source ``s`` has moved to a new epoch while its older documents are in the window:
+        reading on would read further ahead."""
+        now = self.read_epoch[s] % 256
+        return any(src == s and epoch != now for src, epoch in self._window_epochs)
+
+    def _count(self, piece: Piece, sign: int) -> None:
+        for source, key in piece.spans[:, :2].tolist():
+            slot = (source, key >> EPOCH_SHIFT)
+            self._window_epochs[slot] += sign
+            if not self._window_epochs[slot]:
+                del self._window_epochs[slot]
 
     def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
         """Stacked batches of ``batch_size`` sequences, each with the change of state it made.
@@ -202,6 +390,8 @@ class ReaderStream:
             ],
             "mixed": list(self.mixed),
             "packer": self.packer.state_dict(),
+            "streams": [{**r, "segment": dict(r["segment"])} for r in self.streams],
+            "read_epoch": list(self.read_epoch),
             "rng": self.rng.bit_generator.state,
             "counters": dict(self.counters),
             "generation": self.generation,
@@ -214,6 +404,10 @@ class ReaderStream:
             cursor["carry"] = mine["carry"]
         state["window"] = [{"tokens": p.tokens, "spans": p.spans} for p in self.window]
         return state
+
+
+def _epoch(cursor: dict) -> int:
+    return cursor["current"]["epoch"] if cursor["current"] else cursor["epoch"]
 
 
 def swap_pop(items: list, i: int):

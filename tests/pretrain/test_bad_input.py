@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ import pytest
 import zstandard
 
 from pretrain.data.config import DataConfig
-from pretrain.data.documents import CorpusError
+from pretrain.data.documents import CorpusError, scan
 from pretrain.data.loader import StreamLoader
 from pretrain.data.sources import check_corpus, resolve_corpus
 
@@ -47,6 +48,16 @@ def write_bad_files(root) -> dict[str, tuple[str, str, int | None]]:
     (root / "empty_text.jsonl").write_text('{"text": ""}\n')
     (root / "huge.jsonl").write_text(json.dumps({"text": "x" * 10_000_000}) + "\n")
     pq.write_table(pa.table({"body": ["no text column"] * 3}), root / "no_text.parquet")
+    # Valid JSON whose string is not Unicode: "\ud800" decodes to a lone surrogate.
+    (root / "lone_surrogate.jsonl").write_text(
+        good_lines(1, "s") + '{"text": "lone surrogate \\ud800 here"}\n' + good_lines(1, "t")
+    )
+    (root / "deep_nesting.jsonl").write_text(
+        good_lines(1, "n") + "[" * 100_000 + "]" * 100_000 + "\n" + good_lines(1, "m")
+    )
+    texts = pa.array(["a good row here", None, "another good row"])
+    pq.write_table(pa.table({"text": texts}), root / "null_text.parquet")
+    pq.write_table(pa.table({"text": not_utf8_strings()}), root / "bad_utf8.parquet")
     return {
         "truncated gzip": ("truncated.jsonl.gz", "skipped_truncated", None),
         "truncated zstd": ("truncated.jsonl.zst", "skipped_truncated", None),
@@ -57,7 +68,18 @@ def write_bad_files(root) -> dict[str, tuple[str, str, int | None]]:
         "empty text": ("empty_text.jsonl", "skipped_empty_text", 1),
         "10 MB document": ("huge.jsonl", "skipped_too_long", 1),
         "parquet without text": ("no_text.parquet", "skipped_missing_column", None),
+        "lone surrogate": ("lone_surrogate.jsonl", "skipped_invalid_unicode", 2),
+        "deep nesting": ("deep_nesting.jsonl", "skipped_invalid_json", 2),
+        "parquet null text": ("null_text.parquet", "skipped_missing_text", 2),
+        "parquet invalid UTF-8": ("bad_utf8.parquet", "skipped_invalid_utf8", 2),
     }
+
+
+def not_utf8_strings() -> pa.Array:
+    """A string column whose second value is not UTF-8 (Arrow does not check what it reads)."""
+    data = b"a good row here" + b"caf\xe9 \xff" + b"another good row"
+    offsets = pa.array([0, 15, 21, 37], type=pa.int32()).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(data)])
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +127,11 @@ def test_every_bad_input_is_skipped_counted_and_logged(bad_dir, tokenizer, caplo
     expected["data/skipped_empty_glob"] = 1
     skipped = {k: int(v) for k, v in stats.items() if k.startswith("data/skipped_")}
     assert skipped == expected
-    # The good records around the bad ones still stream (20 + 4 + 2 documents).
-    assert stats["data/documents"] >= 26
+    # The good records around the bad ones still stream (20 + 4 + 2 + 2 + 2 + 2 + 2 documents).
+    assert stats["data/documents"] >= 34
     assert "invalid_json.jsonl:3" in caplog.text and "huge.jsonl:1" in caplog.text
+    assert "lone_surrogate.jsonl:2: 'text' is not valid Unicode" in caplog.text
+    assert "deep_nesting.jsonl:2: invalid JSON: nested too deeply" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -122,6 +146,10 @@ def test_every_bad_input_is_skipped_counted_and_logged(bad_dir, tokenizer, caplo
         "empty text",
         "10 MB document",
         "parquet without text",
+        "lone surrogate",
+        "deep nesting",
+        "parquet null text",
+        "parquet invalid UTF-8",
     ],
 )
 def test_on_error_raise_stops_at_the_bad_input_naming_file_and_line(bad_dir, tokenizer, case):
@@ -169,3 +197,79 @@ def test_real_web_documents_stream_without_a_single_skip(shared_data, tokenizer)
     stats = loader.stats()
     assert not [k for k in stats if k.startswith("data/skipped_")]
     assert stats["data/documents"] >= 30
+
+
+def test_parquet_text_may_be_dictionary_encoded(tmp_path):
+    """pandas writes a categorical text column as a dictionary of strings: rows, not a skip."""
+    path = tmp_path / "categorical.parquet"
+    texts = pa.array(["spam", "eggs", None, "spam"]).dictionary_encode()
+    pq.write_table(pa.table({"text": texts, "id": [[1], [2], [3], None]}), path)
+    out = [item for item, _ in scan(str(path))]
+    assert [getattr(i, "text", getattr(i, "kind", None)) for i in out] == [
+        "spam",
+        "eggs",
+        "missing_text",
+        "spam",
+    ]
+    assert out[0].id == "[1]" and out[3].id == f"{path}:4"
+
+
+class PoisonedTokenizer:
+    """The fixture's tokenizer, failing with ``error`` on any text that contains POISON."""
+
+    def __init__(self, inner, error: BaseException):
+        self._inner, self._error = inner, error
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def encode(self, text: str) -> list[int]:
+        if "POISON" in text:
+            raise self._error
+        return self._inner.encode(text)
+
+
+def poisoned_file(root) -> str:
+    path = root / "poisoned.jsonl"
+    poison = json.dumps({"text": "river POISON town"}) + "\n"
+    path.write_text(good_lines(2, "p") + poison + good_lines(2, "q"))
+    return str(path)
+
+
+def test_a_document_the_tokenizer_fails_on_is_skipped_with_file_and_line(
+    tmp_path, tokenizer, caplog
+):
+    path = poisoned_file(tmp_path)
+    tok = PoisonedTokenizer(tokenizer, ValueError("cannot encode this"))
+    cfg = config([path])
+    loader = StreamLoader(cfg, tok, resolve_corpus(cfg), batch_size=2, seed=0)
+    with caplog.at_level(logging.WARNING):
+        one_epoch(loader)
+    stats = loader.stats()
+    assert stats["data/skipped_encode_error"] == 1
+    assert f"{path}:3: the tokenizer failed on it: ValueError: cannot encode this" in caplog.text
+    cfg = config([path], on_error="raise")
+    loader = StreamLoader(cfg, tok, resolve_corpus(cfg), batch_size=2, seed=0)
+    with pytest.raises(CorpusError, match=r"poisoned\.jsonl:3: the tokenizer failed on it"):
+        one_epoch(loader)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), MemoryError()])
+def test_an_interrupt_or_memory_error_in_the_tokenizer_is_not_swallowed(tmp_path, tokenizer, error):
+    cfg = config([poisoned_file(tmp_path)])
+    tok = PoisonedTokenizer(tokenizer, error)
+    loader = StreamLoader(cfg, tok, resolve_corpus(cfg), batch_size=2, seed=0)
+    with pytest.raises(type(error)):
+        one_epoch(loader)
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_by_name(tmp_path):
+    (tmp_path / "good.jsonl").write_text(good_lines(3, "f"))
+    with open(bytes(tmp_path / "caf") + b"\xe9.jsonl", "w") as f:  # os.fsdecode: lone surrogate
+        f.write(good_lines(3, "g"))
+    corpus = resolve_corpus(config([str(tmp_path / "*.jsonl")]))
+    assert [Path(f).name for f in corpus.sources[0].files] == ["good.jsonl"]
+    assert corpus.problems == {"invalid_file_name": 1}
+    corpus.fingerprint()  # every name left is encodable
+    with pytest.raises(CorpusError, match=r"paths\.0: .*caf\\udce9\.jsonl' is not a UTF-8 file"):
+        resolve_corpus(config([str(tmp_path / "*.jsonl")], on_error="raise"))

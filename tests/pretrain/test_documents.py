@@ -460,6 +460,7 @@ def test_each_bad_record_is_yielded_with_its_position_and_the_scan_goes_on(tmp_p
         b'{"text": " \\t\\n "}',
         json.dumps({"text": "y" * 3000}).encode(),
         b'["a", "list"]',
+        b'{"text": "lone \\ud800"}',
         b'{"text": "last"}',
     ]
     path = make_file(tmp_path, kind, lines)
@@ -476,9 +477,11 @@ def test_each_bad_record_is_yielded_with_its_position_and_the_scan_goes_on(tmp_p
         "empty_text",
         "too_long",
         "invalid_json",
+        "invalid_unicode",
         "doc",
     ]
-    assert set(kinds) - {"doc"} == RECORD_ERRORS
+    # invalid_record is the net for the unforeseen; encode_error is the tokenizer's (stream)
+    assert set(kinds) - {"doc"} == RECORD_ERRORS - {"invalid_record", "encode_error"}
     for n, (item, pos) in enumerate(out):
         assert item.line == n + 1 and pos["line"] == n + 1
         if isinstance(item, CorpusError):

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from pretrain.data.packing import Packer, Piece
+from pretrain.data.packing import IGNORE, Packer, Piece, hand_over
 
 
 def pieces(n: int, seed: int = 0) -> list[Piece]:
@@ -71,3 +71,30 @@ def test_a_packer_restored_from_its_state_continues_identically():
     for a, b in zip(head + tail, whole, strict=True):
         for key in a:
             assert np.array_equal(a[key], b[key]), key
+
+
+def test_handed_over_leftovers_keep_every_token_an_input_once_and_a_target_once():
+    old = Packer(seq_len=4, boundaries=True, track=True)
+    [first] = drain(old, [Piece.document([1, 2, 3, 4, 5, 6, 7], 0, 70)])
+    assert first["targets"].tolist() == [2, 3, 4, 5]
+    leftovers = [Piece(p["tokens"], p["spans"]) for p in old.state_dict()]
+    assert np.concatenate([p.tokens for p in leftovers]).tolist() == [5, 6, 7]  # 5: overlap
+    # In another reader, behind a document of its own: 5 is an input but not a target again,
+    # and the rest of document 70 is a segment of its own, not part of document 80's.
+    new = Packer(seq_len=4, boundaries=True, track=True)
+    new.add(Piece.document([10, 11], 0, 80))
+    for piece in hand_over(leftovers):
+        new.add(piece)
+    [seq] = drain(new, [Piece.document([20, 21, 22], 0, 90)])[:1]
+    assert seq["input_ids"].tolist() == [10, 11, 5, 6]
+    assert seq["targets"].tolist() == [11, IGNORE, 6, 7]
+    assert seq["segment_ids"].tolist() == [0, 0, 1, 1]
+    assert seq["position_ids"].tolist() == [0, 1, 0, 1]
+    assert seq["doc_keys"].tolist() == [80, 80, 70, 70]
+    assert seq["target_doc_keys"].tolist() == [80, 70, 70, 70]
+    # The same leftovers starting a packer: 5 is its first input, so no target is dropped.
+    fresh = Packer(seq_len=2, boundaries=True)
+    for piece in hand_over(leftovers):
+        fresh.add(piece)
+    seq = fresh.pop()
+    assert seq["input_ids"].tolist() == [5, 6] and seq["targets"].tolist() == [6, 7]

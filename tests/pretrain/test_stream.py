@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from pretrain.data.documents import read_documents
 from pretrain.data.loader import DataStateError
+from pretrain.data.packing import IGNORE
 from pretrain.data.sources import resolve_corpus
+from pretrain.data.stream import EPOCH_SHIFT, document_key
 
 from .data_fixtures import (
     data_config,
@@ -66,13 +69,14 @@ def test_elastic_resume_reads_every_document_of_the_epoch_exactly_once(
     corpus_dir, tokenizer, before, after
 ):
     expected = expected_tokens(data_config(corpus_dir), tokenizer)
-    cfg = data_config(corpus_dir, num_workers=before[1])
+    cfg = data_config(corpus_dir, num_workers=before[1], document_boundaries=True)
     first, states = run(cfg, tokenizer, before[0], 7)
-    cfg = data_config(corpus_dir, num_workers=after[1])
+    cfg = data_config(corpus_dir, num_workers=after[1], document_boundaries=True)
     ls = loaders(cfg, tokenizer, after[0])
     for loader in ls:
         loader.load_state_dict(states)
     seen = [b for rank in first for b in rank]
+    resumed = len(seen)
     iters = [iter(loader) for loader in ls]
     for _ in range(500):  # until every document of epoch 0 is complete
         seen.extend(next(it) for it in iters)
@@ -81,6 +85,49 @@ def test_elastic_resume_reads_every_document_of_the_epoch_exactly_once(
             break
     assert set(counts) == set(expected)  # nothing missing, nothing foreign
     assert counts == expected  # and no document read twice (token counts exact)
+
+    # Every token is a target exactly once, in order, across the resume; only the first token
+    # of a document that began a reader's stream (one per reader) is never a target.
+    old, new = before[0] * max(1, before[1]), after[0] * max(1, after[1])
+    ids = expected_ids(cfg, tokenizer)
+    got = targets_per_document(seen, epoch=0)
+    assert set(got) == set(ids)
+    whole = {k for k in ids if got[k] == ids[k]}
+    began = {k for k in ids if got[k] == ids[k][1:]}
+    assert whole | began == set(ids)
+    assert len(began) <= old + max(0, new - old)
+    # The overlap token of an old packer that does not start a new one is not a target again.
+    ignored = sum(int((b["targets"] == IGNORE).sum()) for b in seen[resumed:])
+    assert ignored == max(0, old - new)
+    # A segment (attention block) never holds two documents.
+    for batch in seen:
+        same_segment = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+        same_document = batch["doc_keys"][:, 1:] == batch["doc_keys"][:, :-1]
+        assert bool((same_document | ~same_segment).all())
+
+
+def expected_ids(cfg, tokenizer) -> dict[int, list[int]]:
+    """The tokens of every document of the corpus, keyed like ``tokens_per_document``."""
+    corpus = resolve_corpus(cfg)
+    out = {}
+    for s, source in enumerate(corpus.sources):
+        for path in source.files:
+            for doc in read_documents(path):
+                ids = [*tokenizer.encode(doc.text), tokenizer.eos_id]
+                out[document_key(s, path, doc.line, 0)] = ids
+    return out
+
+
+def targets_per_document(batches: list[dict], epoch: int) -> dict[int, list[int]]:
+    """The targets of each document of ``epoch``, in the order of ``batches``."""
+    out: dict[int, list[int]] = {}
+    for batch in batches:
+        keys = batch["target_doc_keys"].numpy().ravel()
+        targets = batch["targets"].numpy().ravel()
+        for key, target in zip(keys.tolist(), targets.tolist(), strict=True):
+            if key >> EPOCH_SHIFT == epoch and target != IGNORE:
+                out.setdefault(key & ((1 << EPOCH_SHIFT) - 1), []).append(target)
+    return out
 
 
 def test_a_later_resume_reads_no_more_than_an_early_one(corpus_dir, tokenizer, monkeypatch):
@@ -110,7 +157,7 @@ def test_a_later_resume_reads_no_more_than_an_early_one(corpus_dir, tokenizer, m
         opened.clear()
         ls = loaders(cfg, tokenizer, 1)
         ls[0].load_state_dict(states)
-        take(ls[0], 1)
+        take(ls[0], 8)  # enough to need new documents, whatever the packer holds
         after = ls[0].stats()
         # Files in progress are reopened at their saved positions, never from the start.
         assert opened
