@@ -45,7 +45,7 @@ class Log(Callback):
 
 class Checkpoint(Callback):
     """Save every ``every`` steps, on demand (a ``SAVE_NOW`` file in the run directory), and
-    at the end (finished, stopped or out of time)."""
+    at the end. (A stop saves first, in the trainer, before anything else runs.)"""
 
     def __init__(self, every: int | None):
         self.every = every

@@ -5,9 +5,17 @@ every rank, then rank 0 writes ``manifest.json`` (every file with its size and S
 hashes computed by the ranks that wrote the files, and a hash of the manifest itself), renames
 the folder, and only then moves the ``latest`` pointer and deletes old checkpoints. A folder
 without a valid manifest is never loaded; ``find_resumable`` walks back to the newest one that
-verifies and says why it skipped the others. (DeepSpeed writes shards straight to their final
-paths, Accelerate deletes the oldest checkpoint before writing the new one, and
-torch.distributed.checkpoint loads a flipped byte without complaint: ../shared/NOTES.md.)
+verifies and says why it skipped the others.
+
+Whatever moment a process dies at, a complete checkpoint is never deleted before its successor
+is in place: a checkpoint of the same step is renamed aside (``.old``) until the new one has
+its name, one to prune is renamed (``.del``) before its files go, ``latest`` names an existing
+folder or is absent for the instant of a replacement, and ``recover`` (run before resuming)
+finishes or undoes what a dead process left half done.
+
+(DeepSpeed writes shards straight to their final paths, Accelerate deletes the oldest
+checkpoint before writing the new one, and torch.distributed.checkpoint loads a flipped byte
+without complaint: ../shared/NOTES.md.)
 
 Nothing here unpickles: tensors are safetensors, metadata JSON.
 """
@@ -30,6 +38,9 @@ from launcher.errors import UserError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LATEST = "latest"
+ASIDE = ".old"  # a complete checkpoint while its replacement (same step) is renamed in
+DOOMED = ".del"  # a checkpoint being deleted: never a candidate, whatever is left of it
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _CHUNK = 8 << 20
 
@@ -89,20 +100,90 @@ def _manifest_digest(body: dict) -> str:
 
 
 def commit(tmp: Path, final: Path, files: dict[str, dict], meta: dict) -> None:
-    """Rank 0, after every rank finished writing: manifest, rename, then the pointer."""
+    """Rank 0, after every rank finished writing: manifest, rename, then the pointer. An
+    older checkpoint of the same step stays whole (renamed aside) until the new one is in
+    place."""
     body = {"files": files, "meta": meta}
     manifest = {**body, "manifest_sha256": _manifest_digest(body)}
     path = tmp / MANIFEST
     path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     fsync_path(path)
     fsync_path(tmp)
-    if final.exists():  # an older save of the same step (a re-run): replace it whole
-        shutil.rmtree(final)
+    root = final.parent
+    aside = final.with_name(final.name + ASIDE)
+    if final.exists():
+        _discard(aside)  # an earlier replacement that got through before its clean-up
+        if _pointed(root) == final.name:
+            (root / LATEST).unlink()  # absent for an instant, never naming a missing folder
+        final.rename(aside)
     tmp.rename(final)
-    fsync_path(final.parent)
-    pointer = final.parent / "latest.tmp"
-    pointer.write_text(final.name + "\n")
-    pointer.replace(final.parent / "latest")
+    fsync_path(root)
+    _point(root, final.name)
+    _discard(aside)
+
+
+def _pointed(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _point(root: Path, name: str) -> None:
+    pointer = root / (LATEST + ".tmp")
+    pointer.write_text(name + "\n")
+    pointer.replace(root / LATEST)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder so that no moment of it looks like a checkpoint: rename, then delete."""
+    if not folder.exists():
+        return
+    doomed = folder.with_name(folder.name.split(".")[0] + DOOMED)
+    shutil.rmtree(doomed, ignore_errors=True)
+    folder.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def is_complete(folder: Path) -> bool:
+    """Has a manifest that reads (cheap: the files are not hashed)."""
+    try:
+        read_manifest(folder)
+    except CheckpointError:
+        return False
+    return True
+
+
+def recover(root: Path) -> None:
+    """Finish or undo what a process killed inside ``commit`` or ``prune`` left (rank 0,
+    before looking for a checkpoint, with the run directory locked): put back a checkpoint
+    that was renamed aside for a replacement that never arrived, drop the leftovers of
+    deletions, and point ``latest`` at the newest complete checkpoint."""
+    if not root.is_dir():
+        return
+    for aside in sorted(root.glob(f"step-*{ASIDE}")):
+        final = aside.with_name(aside.name[: -len(ASIDE)])
+        if final.exists():
+            _discard(aside)  # the replacement is in place
+        else:
+            aside.rename(final)
+            log.warning("%s: a replacement of this checkpoint did not complete; kept it", final)
+    for doomed in root.glob(f"step-*{DOOMED}"):
+        shutil.rmtree(doomed, ignore_errors=True)
+    newest = next((f for _, f in candidates(root) if is_complete(f)), None)
+    if newest is None:
+        (root / LATEST).unlink(missing_ok=True)
+    elif _pointed(root) != newest.name:
+        _point(root, newest.name)
+
+
+def newest(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names, else the newest complete one; None if ``root`` has
+    none (read-only: for `kiln export RUN`)."""
+    named = _pointed(root)
+    if named and (root / named).is_dir():
+        return root / named
+    return next((f for _, f in candidates(root) if is_complete(f)), None)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -175,13 +256,17 @@ def find_resumable(root: Path, check: Callable[[Path], None]) -> Found | None:
 
 def prune(root: Path, keep_last: int, keep_every: int | None, protect: set[Path]) -> list[Path]:
     """Delete old checkpoints (after a successful save); never ``protect``ed ones, never the
-    newest ``keep_last``, never multiples of ``keep_every``. Stale ``.tmp`` folders go too."""
-    removed = []
-    for i, (step, folder) in enumerate(candidates(root)):
-        keep = i < keep_last or (keep_every and step % keep_every == 0)
-        if keep or folder.resolve() in {p.resolve() for p in protect}:
+    newest ``keep_last`` complete ones (so never the only one), never multiples of
+    ``keep_every``. Unfinished ``.tmp`` folders go too (the run directory's lock says no
+    other launch is writing one)."""
+    removed, kept = [], 0
+    protected = {p.resolve() for p in protect}
+    for step, folder in candidates(root):
+        newest = kept < keep_last and is_complete(folder)
+        kept += newest
+        if newest or (keep_every and step % keep_every == 0) or folder.resolve() in protected:
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        _discard(folder)
         removed.append(folder)
     for tmp in root.glob("step-*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)

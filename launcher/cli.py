@@ -8,13 +8,13 @@ here. Bad input is one message (exit 2 for a bad config, 1 for bad data), not a 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from launcher import console
 from launcher.config import ConfigError, dump_config, load_config
 from launcher.errors import UserError
 from launcher.launch import (
@@ -26,6 +26,8 @@ from launcher.launch import (
     world_overrides,
 )
 from launcher.network import socket_env
+from launcher.rundir import LOCKED_ENV, RunDirBusy, RunLock, clear_marker, launch_id
+from launcher.signals import STOP
 from launcher.stages import find_stage, stage_names
 
 
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every library's output (banners, deprecation warnings); "
+        "default: kiln's lines, the progress bar and real problems",
+    )
+    parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     return parser
@@ -59,7 +67,7 @@ def export_main(argv: list[str]) -> int:
     """`kiln export CHECKPOINT --out DIR [--dtype bf16|fp32]`."""
     import torch
 
-    from launcher.checkpoint import read_manifest
+    from launcher.checkpoint import newest, read_manifest
 
     parser = argparse.ArgumentParser(prog="kiln export", description=export_main.__doc__)
     parser.add_argument(
@@ -70,11 +78,12 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="the HF model directory to write")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = parser.parse_args(argv)
-    _configure_logging()
+    console.setup()
     folder = Path(args.checkpoint)
-    for pointer in (folder / "latest", folder / "checkpoints" / "latest"):
-        if pointer.is_file():  # a run or its checkpoints folder: the newest checkpoint
-            folder = pointer.parent / pointer.read_text().strip()
+    for root in (folder, folder / "checkpoints"):  # a run or its checkpoints: the newest one
+        found = newest(root)
+        if found is not None:
+            folder = found
             break
     try:
         stage = find_stage(read_manifest(folder)["meta"].get("stage", "pretrain"))
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides = list(args.overrides)
     if in_worker():
+        STOP.install()  # first thing: a stop signal during set-up is remembered, not fatal
         overrides += world_overrides()
     if args.nproc is not None:
         overrides.append(f"dist.num_processes={args.nproc}")
@@ -122,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    console.setup(args.verbose, config)  # before any worker starts: they inherit its settings
     d = config.dist
     if stage.distributed and d.world_size > 1 and not in_worker():
         main_addr = args.main_addr or os.environ.get("MASTER_ADDR")
@@ -147,23 +158,72 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[kiln] {shown}{render(command)}", flush=True)
         if args.dry_run:
             return 0
-        return run_forwarding_signals(command, extra)
+        lock = None
+        if rank == 0:  # the main node's launcher holds the run directory for every node
+            try:
+                lock = take_run_dir(config.run_dir)
+            except RunDirBusy as exc:
+                print(f"kiln: error: {exc}", file=sys.stderr)
+                return 1
+            extra[LOCKED_ENV] = str(config.run_dir.resolve())
+        launch_id()  # one id for every process of this launch (the PREEMPTED marker's)
+        return run_forwarding_signals(
+            command,
+            extra,
+            nproc=d.num_processes,
+            grace=config.checkpoint.grace,
+            pass_fds=(lock.fd,) if lock and lock.fd is not None else (),
+        )
     if args.dry_run:
         print(f"[kiln] would run stage {args.stage} in this process")
         return 0
-    _configure_logging()
+    lock = None
     try:
-        stage.run(config)
+        if _holds_run_dir(config.run_dir):
+            lock = take_run_dir(config.run_dir)
+        with STOP.catching():
+            stage.run(config)
     except UserError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 
-def run_forwarding_signals(command: list[str], extra_env: dict[str, str] | None = None) -> int:
+def take_run_dir(run_dir: Path) -> RunLock:
+    """Lock the run directory for this launch (``RunDirBusy`` if another holds it), then
+    remove a PREEMPTED marker left by an earlier launch: a failure from here on must not
+    look like a preemption to the batch script."""
+    launch_id()
+    lock = RunLock(run_dir).acquire()
+    clear_marker(run_dir)
+    return lock
+
+
+def _holds_run_dir(run_dir: Path) -> bool:
+    """Whether this process must lock the run directory: it runs the stage alone, or it is
+    global rank 0 of a world started without the kiln launcher (e.g. torchrun directly)."""
+    if not in_worker():
+        return True
+    held = os.environ.get(LOCKED_ENV) == str(run_dir.resolve())
+    return os.environ.get("RANK", "0") == "0" and not held
+
+
+def run_forwarding_signals(
+    command: list[str],
+    extra_env: dict[str, str] | None = None,
+    *,
+    nproc: int | None = None,
+    grace: float | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> int:
     """Run the launcher; a SIGTERM/SIGUSR1/SIGINT sent to us goes to it (and on to every
-    worker, see launch_env), instead of killing us and orphaning the job."""
-    proc = subprocess.Popen(command, env=launch_env(extra_env))
+    worker, see launch_env), instead of killing us and orphaning the job. ``pass_fds`` (the
+    run directory's lock) stay open in it, so the lock lasts as long as the job does."""
+    env = launch_env(extra_env, nproc=nproc, grace=grace)
+    proc = subprocess.Popen(command, env=env, pass_fds=pass_fds)
     previous = {
         sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum))
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -173,12 +233,3 @@ def run_forwarding_signals(command: list[str], extra_env: dict[str, str] | None 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _configure_logging() -> None:
-    main_rank = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(
-        level=logging.INFO if main_rank else logging.WARNING,
-        format="[%(asctime)s %(name)s] %(message)s",
-        datefmt="%H:%M:%S",
-    )

@@ -66,13 +66,35 @@ def accelerate_command(
     return [*command, "-m", "launcher", stage, config, *overrides]
 
 
-def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def launch_env(
+    extra: dict[str, str] | None = None,
+    *,
+    nproc: int | None = None,
+    grace: float | None = None,
+) -> dict[str, str]:
     """The launcher's environment: the elastic agent must forward SIGUSR1 to the workers
-    (by default it dies of it and orphans them; ../shared/NOTES.md)."""
+    (by default it dies of it and orphans them; ../shared/NOTES.md) and then give them the
+    grace time (``checkpoint.grace``) to save, less a margin. With ``nproc``, the node's
+    cores are shared among its ``nproc`` workers (OMP_NUM_THREADS)."""
     env = {**os.environ, **(extra or {})}
+    if nproc:
+        # unset, torchrun prints a banner and gives every worker 1 thread
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // nproc)))
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGUSR1")
-    env.setdefault("PET_SHUTDOWN_TIMEOUT", "120")  # time for the checkpoint after a signal
+    env.setdefault("PET_SHUTDOWN_TIMEOUT", str(shutdown_timeout(grace or DEFAULT_GRACE)))
     return env
+
+
+DEFAULT_GRACE = 300.0
+"""Seconds from a stop signal to the kill when the config does not say (checkpoint.grace)."""
+
+
+def shutdown_timeout(grace: float) -> int:
+    """Seconds the elastic agent waits for the workers after forwarding a stop signal before
+    it kills them: the grace time less a margin (up to 30 s) for the agent's own exit and the
+    batch script's requeue, which must happen before the scheduler's kill."""
+    return max(1, int(grace - min(30.0, grace / 2)))
 
 
 def render(command: list[str]) -> str:

@@ -1,16 +1,22 @@
 """THE training loop, shared by every stage: step, accumulate, clip, schedule, skip, stop.
 
-Per optimizer step: set the learning rate from the schedule, run ``accum`` micro-batches
-(forward, loss, backward: DeepSpeed accumulates and, on the last one, reduces and calls our
-optimizer, which clips or skips), count tokens, then run the callbacks in their list order
-(evaluate, log, checkpoint...). Every rank takes the same decisions: skips are decided on an
-all-reduced gradient norm, and stop requests (time budget, signals) are all-reduced each step.
+Per optimizer step: take the step's ``accum`` micro-batches, agree with every rank to go on,
+set the learning rate from the schedule, run the micro-batches (forward, loss, backward:
+DeepSpeed accumulates and, on the last one, reduces and calls our optimizer, which clips or
+skips), count tokens, agree again, then run the callbacks in their list order (evaluate, log,
+checkpoint...). Every rank takes the same decisions: skips are decided on an all-reduced
+gradient norm, and stop requests (time budget, signals) are all-reduced twice a step: after
+the step (so a stop skips its evaluation) and before the next one's first collective (so a
+rank stuck waiting for data, freed by the signal, is not left behind by ranks already inside
+a ZeRO collective). A stop saves the last completed step first, with the data stream rewound
+to it, and writes PREEMPTED; no evaluation, no export.
 """
 
 from __future__ import annotations
 
-import json
+import gc
 import logging
+import multiprocessing
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -32,8 +38,9 @@ from launcher.metrics import (
 )
 from launcher.optim import build_optimizer, lr_factor, set_lr
 from launcher.run_config import RunConfig
+from launcher.rundir import PREEMPTED, write_marker
 from launcher.runtime import Runtime
-from launcher.signals import StopOnSignal
+from launcher.signals import STOP, Interrupted
 from launcher.task import Task
 
 log = logging.getLogger(__name__)
@@ -45,12 +52,14 @@ class TrainingError(UserError):
 
 @dataclass
 class TrainState:
-    """The loop's counters: part of every checkpoint."""
+    """The loop's counters: part of every checkpoint. ``applied_steps`` counts the optimizer
+    steps that were not skipped; the LR schedule follows it (as Megatron's does)."""
 
     step: int = 0
     tokens: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
+    applied_steps: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +67,8 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+        if "applied_steps" not in state:  # a checkpoint from before the counter existed
+            self.applied_steps = self.step - self.skipped_steps
 
 
 class Callback:
@@ -79,10 +90,15 @@ class Trainer:
         self.eval_results: dict[str, float] = {}
         self.last_logged: dict[str, float] = {}
         self.resumed_from: Path | None = None
+        self.rng_from: Path | None = None  # a checkpoint's RNG, set when training starts
         self.last_saved_step = -1
         self.save_requested = False
         self.stop_reason: str | None = None
+        self.stopped = False  # every rank agreed to stop before the horizon or the export
         self._stop_requested = False
+        self._stop_agreed: float | None = None
+        self._abandoned: BaseException | None = None
+        self._fetched: list[dict] | None = None  # the next step's micro-batches, agreed on
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -116,6 +132,7 @@ class Trainer:
         tokens_per_step = cfg.train.global_batch_size * self.task.tokens_per_sequence()
         self.horizon = cfg.train.horizon(tokens_per_step)
         self.peak, self.peak_source = peak_flops(rt.device, rt.dtype, cfg.metrics.peak_flops)
+        snapshot.undo_initial_step(self.optimizer, self.engine)  # ZeRO-0 + bf16 (it says why)
         snapshot.ensure_moments(self.optimizer, self.engine)
         self.resumed_from = persist.resume(self)
         if self.resumed_from is None and rt.is_main:
@@ -144,15 +161,19 @@ class Trainer:
     # ------------------------------------------------------------------------------- steps
 
     def train_step(self) -> None:
-        """One optimizer step over ``accum`` micro-batches."""
+        """One optimizer step over ``accum`` micro-batches: those ``fit`` fetched for it, or
+        (called on its own, e.g. by benchmarks) the next ones of ``batches``."""
         rt, opt = self.runtime, self.optimizer
-        lr = set_lr(opt, lr_factor(self.cfg.schedule, self.state.step, self.horizon))
+        batches, self._fetched = self._fetched, None
+        if batches is None:
+            with self.timer.phase("data_wait"):
+                batches = [next(self.batches) for _ in range(self.accum)]
+        # a skipped step does not advance the schedule: the next step retries the same LR
+        lr = set_lr(opt, lr_factor(self.cfg.schedule, self.state.applied_steps, self.horizon))
         losses, tokens = [], 0
         opt.step_called = False
-        for micro in range(self.accum):
-            with self.timer.phase("data_wait"):
-                batch = next(self.batches)
-                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+        for micro, batch in enumerate(batches):
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
             last = micro == self.accum - 1
             with self.timer.phase("forward_backward"):
                 loss = self.task.loss(self.engine, batch)
@@ -176,6 +197,7 @@ class Trainer:
             log.warning("step %d: non-finite loss or gradient norm; step skipped", self.state.step)
         else:
             self.state.consecutive_skips = 0
+            self.state.applied_steps += 1
         record("train/loss", torch.stack(losses).mean())
         record("train/lr", lr, reduce="last")
         record("train/grad_norm", grad_norm, reduce="max")
@@ -189,62 +211,173 @@ class Trainer:
             )
 
     def request_stop(self, reason: str) -> None:
-        """Ask every rank to stop after the current step (e.g. from a signal handler)."""
+        """Ask every rank to stop at the next agreement (before or after a step)."""
         self._stop_requested = True
         self.stop_reason = self.stop_reason or reason
 
+    def _stop_wanted(self) -> bool:
+        if STOP.name is not None and not self._stop_requested:
+            self.request_stop(f"signal {STOP.name}")
+        return self._stop_requested
+
+    def _agree(self, flags: list[bool]) -> list[bool]:
+        """Any rank's flag, on every rank (one tiny all-reduce)."""
+        tensor = torch.tensor([float(f) for f in flags], device=self.runtime.device)
+        self.runtime.all_reduce(tensor, "max")
+        out = [bool(x) for x in tensor.tolist()]
+        if out[0]:
+            self._stop_agreed = self._stop_agreed or time.monotonic()
+            self.stop_reason = self.stop_reason or "stop requested on another rank"
+        return out
+
     def _sync_control(self, started: float) -> bool:
-        """One tiny all-reduce per step, so that all ranks agree to stop (time budget,
-        stop_after, a signal on any rank) or to save now (a `SAVE_NOW` file in the run
-        directory) at the same step. Returns whether to stop."""
+        """After a step: do all ranks stop (time budget, stop_after, a signal on any rank) or
+        save now (a `SAVE_NOW` file in the run directory)? Returns whether to stop."""
         budget, stop_after = self.cfg.train.max_time, self.cfg.train.stop_after
-        if budget is not None and time.time() - started >= budget:
-            self.request_stop("time budget")
-        if stop_after is not None and self.state.step - self._first_step >= stop_after:
-            self.request_stop(f"train.stop_after={stop_after}")
+        if self.state.step < self.horizon:  # reaching the horizon is no early stop
+            if budget is not None and time.time() - started >= budget:
+                self.request_stop("time budget")
+            if stop_after is not None and self.state.step - self._first_step >= stop_after:
+                self.request_stop(f"train.stop_after={stop_after}")
         save_now = self.runtime.is_main and (self.cfg.run_dir / SAVE_NOW).exists()
-        flags = torch.tensor(
-            [float(self._stop_requested), float(save_now)], device=self.runtime.device
-        )
-        self.runtime.all_reduce(flags, "max")
-        stop, self.save_requested = (bool(x) for x in flags.tolist())
+        stop, self.save_requested = self._agree([self._stop_wanted(), save_now])
         if self.save_requested and self.runtime.is_main:
             (self.cfg.run_dir / SAVE_NOW).unlink(missing_ok=True)
-        if stop and self.stop_reason is None:
-            self.stop_reason = "stop requested on another rank"
         return stop
+
+    def _fetch(self) -> list[dict] | None:
+        """The next step's micro-batches; None when a stop came first or while waiting (a
+        stalled reader cannot hold the save back: the signal ends the wait)."""
+        if self._stop_wanted():
+            return None
+        batches: list[dict] = []
+        try:
+            with self.timer.phase("data_wait"), STOP.interruptible():
+                for _ in range(self.accum):
+                    batches.append(next(self.batches))
+        except Interrupted as exc:
+            # Keep the abandoned iterator until the save is done: shutting down a stalled
+            # DataLoader worker waits seconds for it.
+            self._abandoned = exc
+            self._stop_wanted()
+            return None
+        return batches
+
+    def _data_position(self):
+        position = getattr(self.loader, "position", None)
+        return position() if position is not None else None
+
+    def _rewind(self, position, fetched: bool) -> None:
+        """Give back micro-batches taken for a step that will not run, so that the saved data
+        state is the one of the last completed step."""
+        if position is not None:
+            self.loader.rewind(position)
+        elif fetched:
+            log.warning("the data stream cannot rewind: a batch taken but not trained is lost")
 
     # --------------------------------------------------------------------------------- fit
 
     def fit(self) -> dict[str, float]:
-        """Train to the horizon (or a stop); evaluate at the end; return the last metrics."""
+        """Train to the horizon, evaluate and save at the end; return the last metrics. On a
+        stop (signal, time budget, train.stop_after): save the last completed step first,
+        write PREEMPTED, evaluate nothing, and set ``stopped`` (the stage skips its export)."""
         started = self._last_log_time = time.time()
         self.batches = iter(self.loader)
+        if self.rng_from is not None:  # after iter(): creating the iterator draws a seed
+            snapshot.load_rng(self.rng_from, self.runtime.rank)
         self._first_step = self.state.step
-        (self.cfg.run_dir / PREEMPTED).unlink(missing_ok=True)
-        signals = StopOnSignal()
-        signals.install(lambda name: self.request_stop(f"signal {name}"))
+        if self.runtime.is_main:  # the launcher removes it too, before any set-up
+            (self.cfg.run_dir / PREEMPTED).unlink(missing_ok=True)
         self._last_log_tokens, self._last_log_step = self.state.tokens, self.state.step
         self.engine.train()
         if self.runtime.is_main and getattr(self, "progress", None) is not None:
             self.progress.reset(total=self.horizon, initial=self.state.step)
         try:
-            while self.state.step < self.horizon:
-                self.train_step()
-                stop = self._sync_control(started)
-                for callback in self.callbacks:
-                    callback.on_step_end(self)
-                if stop:
-                    log.info("stopping at step %d: %s", self.state.step, self.stop_reason)
-                    break
-            for callback in self.callbacks:
-                callback.on_fit_end(self)
-            if self.stop_reason and self.state.step < self.horizon and self.runtime.is_main:
-                _mark_preempted(self)
+            with STOP.catching():
+                self._run(started)
+        except BaseException:
+            self._close_data()  # else the exit waits forever for readers that ignore SIGTERM
+            raise
         finally:
-            signals.uninstall()
             self.metrics.close()
         return dict(self.last_logged)
+
+    def _run(self, started: float) -> None:
+        while self.state.step < self.horizon:
+            position = self._data_position()
+            batches = self._fetch()
+            # before the step's first collective (ZeRO gathers parameters in forward)
+            if self._agree([batches is None])[0]:
+                self._rewind(position, fetched=batches is not None)
+                return self._stop()
+            self._fetched = batches
+            self.train_step()
+            if self._sync_control(started):
+                return self._stop()
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+        if self._agree([self._stop_wanted()])[0]:  # came during the last step's callbacks
+            return self._stop()
+        for callback in self.callbacks:
+            callback.on_fit_end(self)
+        if self._agree([self._stop_wanted()])[0]:  # came during the final evaluation or save
+            return self._stop()
+
+    def _stop(self) -> None:
+        """Save first (the last completed step, unless it is saved already), then write
+        PREEMPTED and the step's metrics line."""
+        self.stopped = True
+        log.info("stopping at step %d: %s", self.state.step, self.stop_reason)
+        if self.last_saved_step != self.state.step:
+            persist.save(self, self.stop_reason or "stop")
+        self.mark_stopped()
+        if self._last_log_step != self.state.step:
+            self.log_now()
+        self._close_data()
+
+    def _close_data(self) -> None:
+        """After a stop or an error: shut the data iterator down (its workers exit at once,
+        a stalled one is given 5 s), then end the workers still there. They ignore stop
+        signals (the trainer handles them), and at exit Python sends its daemonic children
+        SIGTERM and waits for them: forever, for a reader that is stalled or never told."""
+        batches, self.batches, self._abandoned = self.batches, None, None
+        if hasattr(batches, "close"):
+            batches.close()
+        gc.collect()  # an abandoned iterator's frames hold it in a cycle
+        try:
+            for child in multiprocessing.active_children():
+                if child.daemon:
+                    child.kill()
+                    child.join(timeout=5)
+        except RuntimeError as exc:  # torch's SIGCHLD check, if an iterator still watched one
+            log.warning("ending the data workers: %s", exc)
+
+    def mark_stopped(self, pending: str | None = None) -> None:
+        """Main rank: write PREEMPTED (this launch stopped early and can resume), with the
+        seconds from the signal (or the agreement to stop) to the saved checkpoint."""
+        self.stopped = True
+        self.stop_reason = self.stop_reason or (f"signal {STOP.name}" if STOP.name else "stop")
+        if not self.runtime.is_main:
+            return
+        since = STOP.seconds_since()
+        if since is None and self._stop_agreed is not None:
+            since = time.monotonic() - self._stop_agreed
+        step = self.state.step
+        checkpoint = self.cfg.run_dir / "checkpoints" / f"step-{step:08d}"
+        info = {"step": step, "reason": self.stop_reason, "time": time.time()}
+        info.update(checkpoint=str(checkpoint), seconds_to_save=since, pending=pending)
+        if step >= self.horizon:
+            info["pending"] = pending or "the final evaluation and export"
+        write_marker(self.cfg.run_dir, info)
+        timing = f", {since:.1f} s after the stop request" if since is not None else ""
+        log.warning(
+            "stopped at step %d (%s): checkpoint %s%s (grace %d s); resume with the same command",
+            step,
+            self.stop_reason,
+            checkpoint,
+            timing,
+            self.cfg.checkpoint.grace,
+        )
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -292,18 +425,6 @@ class Trainer:
 
 SAVE_NOW = "SAVE_NOW"
 """Create this file in the run directory to get a checkpoint at the next step (on demand)."""
-PREEMPTED = "PREEMPTED"
-"""In the run directory while the run stopped early and can resume (launchers turn worker
-exit codes into 1, so a file tells the batch script to requeue)."""
-
-
-def _mark_preempted(trainer: Trainer) -> None:
-    info = {"step": trainer.state.step, "reason": trainer.stop_reason, "time": time.time()}
-    info["checkpoint"] = str(trainer.cfg.run_dir / "checkpoints" / f"step-{trainer.state.step:08d}")
-    (trainer.cfg.run_dir / PREEMPTED).write_text(json.dumps(info) + "\n")
-    log.warning(
-        "run stopped at step %d (%s); resume with the same command", info["step"], info["reason"]
-    )
 
 
 def _set_aside(path: Path) -> None:

@@ -29,6 +29,7 @@ from launcher.checkpoint import (
     find_resumable,
     prune,
     read_manifest,
+    recover,
     step_dir,
     verify,
 )
@@ -136,6 +137,9 @@ def resume(trainer: Trainer) -> Path | None:
 
     Raises ``CheckpointError`` for ``must`` without a checkpoint or an unusable given path."""
     mode, root = trainer.cfg.checkpoint.resume, checkpoint_root(trainer)
+    if trainer.runtime.is_main:
+        recover(root)  # what a process killed inside a save left half done
+    trainer.runtime.barrier()
     if mode == "none":
         log.info("checkpoint.resume=none: starting fresh")
         return None
@@ -187,9 +191,11 @@ def load(trainer: Trainer, folder: Path) -> None:
         json.loads((folder / f"rank-{r:05d}.json").read_text()) for r in range(meta["world_size"])
     ]
     trainer.task.load_state_dict([p["task"] for p in parts])
-    if meta["world_size"] == rt.world_size:
-        snapshot.load_rng(folder, rt.rank)
+    # The RNG is set once the data iterator exists (creating it draws a seed): the loop does.
+    trainer.rng_from = folder if meta["world_size"] == rt.world_size else None
     trainer.resumed_from = folder
+    if folder.resolve().parent == checkpoint_root(trainer).resolve():
+        trainer.last_saved_step = meta["step"]  # this run's own: saving it again adds nothing
     log.info(
         "resumed from %s: step %d (saved by %d ranks, ZeRO-%d; now %d ranks, ZeRO-%d)",
         folder,

@@ -1,10 +1,14 @@
-"""SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit, say "preempted".
+"""SIGTERM / SIGUSR1 / SIGINT: save a checkpoint of the last completed step, exit, requeue.
 
-The handler only sets a flag; the loop all-reduces it every step, so a signal that reached one
-rank, every rank or the launcher (which forwards it) makes all ranks stop after the same step
-and save together (a rank that saved alone would wait forever in a collective). Launchers
-forward a signal too, so the same one often arrives twice within a moment: that is not a
-second request. A second signal later than ``REPEAT_WINDOW`` seconds exits at once.
+``STOP`` is installed as early as a process can (the launcher's worker start, the stage's
+entry), so a signal that comes during set-up is remembered, not fatal. Its handler only
+records the request; the loop all-reduces it every step, so a signal that reached one rank,
+every rank or the launcher (which forwards it) makes all ranks stop at the same step and save
+together (a rank that saved alone would wait forever in a collective). Inside
+``STOP.interruptible()`` (waiting for data, writing the export) the handler also raises
+``Interrupted``, so that a stalled wait cannot hold the save back past the grace time.
+Launchers forward a signal too, so the same one often arrives twice within a moment: that is
+not a second request. A second signal later than ``REPEAT_WINDOW`` seconds exits at once.
 """
 
 from __future__ import annotations
@@ -13,38 +17,90 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 REPEAT_WINDOW = 5.0
 
 
-class StopOnSignal:
-    """Install with ``install(on_stop)``; ``on_stop(name)`` is called once."""
+class Interrupted(KeyboardInterrupt):
+    """Raised by a stop signal inside ``StopSignals.interruptible()``. A KeyboardInterrupt,
+    so that code which skips bad records on any other exception lets it through."""
+
+
+class StopSignals:
+    """The stop request of this process: which signal came first, and when."""
 
     def __init__(self) -> None:
-        self.first: float | None = None
         self.name: str | None = None
+        self.at: float | None = None  # time.monotonic() of the first signal
+        self._depth = 0
         self._previous: dict[int, object] = {}
 
-    def install(self, on_stop: Callable[[str], None]) -> None:
-        self._on_stop = on_stop
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def install(self) -> bool:
+        """Take over the stop signals (main thread only); False if already installed."""
+        if self.installed:
+            return False
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._handle)
+        return True
 
     def uninstall(self) -> None:
+        """Give the signals back and forget any request (another run may follow in-process)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        self.name = self.at = None
+
+    @contextmanager
+    def catching(self) -> Iterator[StopSignals]:
+        """Installed for the block, unless something earlier installed it for the process."""
+        mine = self.install()
+        try:
+            yield self
+        finally:
+            if mine:
+                self.uninstall()
+
+    def seconds_since(self) -> float | None:
+        return None if self.at is None else time.monotonic() - self.at
+
+    class _Interruptible:
+        def __init__(self, owner: StopSignals):
+            self.owner = owner
+
+        def __enter__(self) -> None:
+            if self.owner.name is not None:
+                raise Interrupted(self.owner.name)
+            self.owner._depth += 1
+
+        def __exit__(self, *exc) -> None:
+            self.owner._depth -= 1
+
+    def interruptible(self) -> _Interruptible:
+        """A block that a stop signal ends with ``Interrupted`` (raised at once if one is
+        pending). The caller catches it around the whole ``with`` and gives up the block's
+        work: the exception can surface anywhere inside it, its exit included."""
+        return self._Interruptible(self)
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         now = time.monotonic()
-        if self.first is None:
-            self.first, self.name = now, name
-            log.warning("%s: finishing this step, saving a checkpoint, then exiting", name)
-            self._on_stop(name)
-        elif now - self.first > REPEAT_WINDOW:
+        if self.name is None:
+            self.name, self.at = name, now
+            log.warning("%s: saving a checkpoint of the last completed step, then exiting", name)
+            if self._depth:
+                raise Interrupted(name)
+        elif now - self.at > REPEAT_WINDOW:
             log.error("%s again: exiting now without a checkpoint", name)
             os._exit(128 + signum)
+
+
+STOP = StopSignals()
+"""The process's one stop request (signal handlers are per process)."""

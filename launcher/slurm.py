@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition")
     p.add_argument("--time", help="Slurm time limit, e.g. 24:00:00")
     p.add_argument("--job-name")
-    p.add_argument("--grace", type=int, default=300, help="seconds between USR1 and the kill")
+    p.add_argument(
+        "--grace",
+        type=int,
+        help="seconds between USR1 and the kill (sets checkpoint.grace; default: the config's)",
+    )
     p.add_argument("--then", choices=["export"], help="chain a job after this one succeeds")
     p.add_argument("--dry-run", action="store_true", help="render and print, submit nothing")
     return p
@@ -98,11 +102,13 @@ def submit_main(argv: list[str]) -> int:
     stage = find_stage(args.stage)
     nproc = args.nproc_per_node or args.gpus_per_node or 1
     config_path = Path(args.config).resolve()
+    # One grace time for the whole chain: Slurm's signal, the launcher's agent, the loop.
+    overrides = [*args.overrides, *([f"checkpoint.grace={args.grace}"] if args.grace else [])]
     try:  # the same validation as a local launch, for the world the job will have
         cfg = load_config(
             stage.config_class,
             config_path,
-            [*args.overrides, f"dist.num_processes={nproc}", f"dist.num_nodes={args.nodes}"],
+            [*overrides, f"dist.num_processes={nproc}", f"dist.num_nodes={args.nodes}"],
         )
     except ConfigError as exc:
         print(f"kiln: {exc}", file=sys.stderr)
@@ -116,14 +122,14 @@ def submit_main(argv: list[str]) -> int:
         "NODES": args.nodes,
         "GPUS_PER_NODE": nproc,
         "GPU_DIRECTIVE": Raw(gpu),
-        "GRACE_SECONDS": args.grace,
+        "GRACE_SECONDS": cfg.checkpoint.grace,
         "REPO": TEMPLATES.parent,
         "PYTHON": sys.executable,
         "STAGE": args.stage,
         "CONFIG": config_path,
         "RUN_DIR": run_dir,
         # the job runs from the repository: the run directory is pinned to where it is now
-        "OVERRIDES": [*args.overrides, f"run.output_dir={run_dir.parent}"],
+        "OVERRIDES": [*overrides, f"run.output_dir={run_dir.parent}"],
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     script = logs / f"{args.stage}-{stamp}.sbatch"

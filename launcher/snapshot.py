@@ -83,6 +83,23 @@ def ensure_moments(optimizer: torch.optim.Optimizer, engine) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
+def undo_initial_step(optimizer: torch.optim.Optimizer, engine) -> bool:
+    """DeepSpeed's ``FP16_UnfusedOptimizer`` (ZeRO-0 in bf16) allocates Adam's state by running
+    one optimizer step on zero gradients as it is built: AdamW's weight decay then shrinks
+    every fp32 master by ``lr x weight_decay`` and the step count starts at 1, i.e. training
+    starts from other weights and with other bias corrections than every other stage. Put the
+    masters back to the model's weights (their source) and the count to 0; the moments are
+    zeros already. Call once, right after the engine is built. Returns whether it undid one."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    wrapper = getattr(engine, "optimizer", None)
+    if not isinstance(wrapper, FP16_UnfusedOptimizer):
+        return False
+    wrapper.refresh_fp32_params()
+    set_adam_step(optimizer, engine, 0.0)
+    return True
+
+
 def adam_step(optimizer: torch.optim.Optimizer, engine) -> float:
     for _, state, _ in inner_states(optimizer, engine):
         if "step" in state:

@@ -1,11 +1,16 @@
-"""The checkpoint folder protocol: manifest, verification, fallback, retention."""
+"""The checkpoint folder protocol: manifest, verification, fallback, retention, and a kill at
+any moment of a save."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from contextlib import contextmanager
 
 import pytest
 
+from launcher import checkpoint
 from launcher.checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -14,6 +19,7 @@ from launcher.checkpoint import (
     find_resumable,
     prune,
     read_manifest,
+    recover,
     step_dir,
     verify,
 )
@@ -92,3 +98,110 @@ def test_pruning_keeps_the_last_k_the_permanent_ones_and_the_protected_one(tmp_p
     assert [p.name for p in removed] == ["step-00000015"]
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))
     assert left == [f"step-{s:08d}" for s in (5, 10, 20, 25, 30)]  # and the stale .tmp is gone
+
+
+# ------------------------------------------------------------------ a kill at every moment
+
+
+class Killed(BaseException):
+    """A simulated kill -9: nothing after it runs (``except Exception`` does not catch it)."""
+
+
+OS_CALLS = ("rename", "replace", "unlink", "rmdir", "mkdir", "fsync")
+
+
+@contextmanager
+def killed_at(point: int):
+    """Raise ``Killed`` at the ``point``-th moment: each line run in launcher/checkpoint.py and
+    each os-level call (so also inside ``shutil.rmtree``). Yields a list holding the count."""
+    seen = [0]
+    real = {name: getattr(os, name) for name in OS_CALLS}
+
+    def tick():
+        seen[0] += 1
+        if seen[0] == point:
+            raise Killed
+
+    for name in OS_CALLS:
+
+        def call(*args, _real=real[name], **kwargs):
+            tick()
+            return _real(*args, **kwargs)
+
+        setattr(os, name, call)
+
+    def local(frame, event, arg):
+        if event == "line":
+            tick()
+        return local
+
+    def trace(frame, event, arg):
+        return local if frame.f_code.co_filename == checkpoint.__file__ else None
+
+    sys.settrace(trace)
+    try:
+        yield seen
+    finally:
+        sys.settrace(None)
+        for name, function in real.items():
+            setattr(os, name, function)
+
+
+def pointer_target(root):
+    """The folder ``latest`` names; it must exist whenever ``latest`` does."""
+    if not (root / "latest").exists():
+        return None
+    target = root / (root / "latest").read_text().strip()
+    assert target.is_dir(), f"latest names a missing folder: {target.name}"
+    return target
+
+
+@pytest.mark.parametrize(("old_steps", "new_step"), [((10,), 10), ((5, 10), 10), ((10,), 20)])
+def test_a_kill_at_any_moment_of_commit_and_prune_leaves_a_complete_checkpoint(
+    tmp_path, monkeypatch, old_steps, new_step
+):
+    """keep_last=1 (the worst case): re-saving the newest step (a finished run relaunched),
+    or saving a new one that prunes the old. After the kill, `latest` names an existing
+    folder, and resuming (recover, then the newest that verifies) finds a complete checkpoint:
+    the new one, or the one it was replacing."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # slow here, and moot in-process
+    outcomes, point = set(), 0
+    while True:
+        point += 1
+        root = tmp_path / f"kill-{point}"
+        for step in old_steps:
+            make_checkpoint(root, step, payload=b"old" * 1000)
+        tmp = root / f"step-{new_step:08d}.tmp"
+        tmp.mkdir()
+        (tmp / "model-00000-of-00001.safetensors").write_bytes(b"new" * 1000)
+        files = describe_files(tmp, ["model-00000-of-00001.safetensors"])
+        with killed_at(point):
+            try:
+                commit(tmp, step_dir(root, new_step), files, {"step": new_step})
+                prune(root, keep_last=1, keep_every=None, protect={step_dir(root, new_step)})
+                finished = True
+            except Killed:
+                finished = False
+        pointer_target(root)  # at the moment of the kill
+        recover(root)
+        found = find_resumable(root, check)
+        assert found is not None, f"no complete checkpoint after a kill at moment {point}"
+        payload = (found.folder / "model-00000-of-00001.safetensors").read_bytes()[:3]
+        assert (found.step, payload) in {(new_step, b"new"), (max(old_steps), b"old")}
+        assert pointer_target(root) == found.folder
+        assert not [p for p in root.iterdir() if p.name.endswith((".old", ".del"))]
+        outcomes.add(payload)
+        if finished:
+            break
+    assert found.step == new_step and payload == b"new"
+    assert point > 40 and outcomes == {b"old", b"new"}  # the kills landed on both sides
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
+    assert left == [f"step-{new_step:08d}"]
+
+
+def test_pruning_never_deletes_the_only_complete_checkpoint(tmp_path):
+    make_checkpoint(tmp_path, 10)
+    (tmp_path / "step-00000020").mkdir()  # newer, but never completed (no manifest)
+    prune(tmp_path, keep_last=1, keep_every=None, protect=set())
+    assert find_resumable(tmp_path, check).step == 10
+    assert not (tmp_path / "step-00000020").exists()

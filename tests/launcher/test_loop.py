@@ -13,7 +13,8 @@ from transformers import LlamaForCausalLM
 
 from launcher.callbacks import default_callbacks
 from launcher.config import CONFIG_ROOT, load_config
-from launcher.loop import Callback, Trainer, TrainingError
+from launcher.loop import Callback, Trainer, TrainingError, TrainState
+from launcher.optim import lr_factor
 from launcher.runtime import build_runtime
 from pretrain.config import PretrainConfig
 from pretrain.data.documents import read_documents
@@ -195,6 +196,21 @@ def test_a_nan_loss_skips_the_step_leaving_parameters_unchanged(prepared, shared
     lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["train/skipped_steps"] for x in lines if "train/loss" in x] == [0.0, 1.0, 0.0]
     assert trainer.state.skipped_steps == 1
+    # The schedule follows applied steps (Megatron): step 3 gets the LR the skipped step had.
+    peak = [cfg.optim.lr * lr_factor(cfg.schedule, i, 3) for i in range(3)]
+    assert peak[1] != peak[2]
+    lrs = [x["train/lr"] for x in lines if "train/loss" in x]
+    assert lrs == pytest.approx([peak[0], peak[1], peak[1]], rel=1e-6)
+    assert trainer.state.applied_steps == 2
+
+
+def test_a_checkpoint_without_applied_steps_resumes_the_schedule_at_step_minus_skips():
+    state = TrainState()
+    state.load_state_dict({"step": 10, "tokens": 640, "skipped_steps": 3, "consecutive_skips": 0})
+    assert (state.step, state.applied_steps) == (10, 7)
+    again = TrainState()
+    again.load_state_dict(state.state_dict())
+    assert again == state
 
 
 @pytest.mark.slow

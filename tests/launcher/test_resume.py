@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -142,14 +143,17 @@ def test_kill_9_of_one_rank_during_a_save_leaves_a_checkpoint_auto_resumes_from(
     assert world_sizes(root, name) == {2.0}
 
 
+SIGNALLED = [
+    "train.max_steps=60",
+    "checkpoint.every=1000",
+    "data.seq_len=256",
+    "train.global_batch_size=16",  # 2 micro-batches per step and rank
+]
+
+
 def signal_run(root, name, target: str, delay: str = "0"):
     """Start a 60-step run, signal it at step >= 10, wait for it to exit cleanly."""
-    args = [
-        "train.max_steps=60",
-        "checkpoint.every=1000",
-        "data.seq_len=256",
-        "train.global_batch_size=16",
-    ]
+    args = SIGNALLED
     proc = start(root, name, *args, KILN_CHECKPOINT_DELAY=delay)
     wait_for(lambda: max(losses(root, name), default=0) >= 10)
     everyone = [proc.pid, *descendants(proc.pid)]
@@ -165,13 +169,7 @@ def signal_run(root, name, target: str, delay: str = "0"):
 
 @pytest.fixture(scope="module")
 def uninterrupted(root):
-    args = [
-        "train.max_steps=60",
-        "checkpoint.every=1000",
-        "data.seq_len=256",
-        "train.global_batch_size=16",
-    ]
-    run(root, "straight", *args)
+    run(root, "straight", *SIGNALLED)
     return losses(root, "straight")
 
 
@@ -193,4 +191,45 @@ def test_sigusr1_checkpoints_marks_preempted_and_resume_finishes_identically(
     assert not marker.exists()
     final = losses(root, name)
     assert max(final) == 60 and final[60] == uninterrupted[60]
+    assert world_sizes(root, name) == {2.0}
+
+
+def test_sigterm_while_the_readers_are_stalled_saves_the_last_step_within_seconds(root):
+    """Every DataLoader worker stopped (SIGSTOP: readers that never yield again), the ranks
+    wait for a batch; a SIGTERM to the launcher still gives a checkpoint of the last completed
+    step at once (not after the grace time), whose data state leaves out the batches taken
+    for the step that never ran. (Resuming from such a state: test_preemption.py.)"""
+    name = "stalled"
+    proc = start(root, name, *SIGNALLED)
+    wait_for(lambda: max(losses(root, name), default=0) >= 3)
+    everyone = [proc.pid, *descendants(proc.pid)]
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2
+    workers = [pid for rank in ranks for pid in descendants(rank)]
+    assert len(workers) == 2  # one per rank
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    seen = {"step": -1, "since": time.monotonic()}
+
+    def stalled() -> bool:  # no new step for 3 s: the prefetched batches are used up
+        step = max(losses(root, name))
+        if step != seen["step"]:
+            seen.update(step=step, since=time.monotonic())
+        return time.monotonic() - seen["since"] > 3
+
+    wait_for(stalled, timeout=120)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert time.monotonic() - sent < 60
+    assert not alive(everyone), "processes left behind"
+    marker = json.loads((root / name / "PREEMPTED").read_text())
+    stopped = max(losses(root, name))
+    assert marker["step"] == stopped and marker["reason"] == "signal SIGTERM"
+    assert marker["seconds_to_save"] < 30
+    folder = root / name / "checkpoints" / f"step-{stopped:08d}"
+    assert (folder / "manifest.json").exists()
+    for rank in range(2):
+        data = json.loads((folder / f"rank-{rank:05d}.json").read_text())["task"]["data"]
+        assert data["batches"] == 2 * stopped  # 2 micro-batches per step, none of the next
     assert world_sizes(root, name) == {2.0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,14 +14,26 @@ import time
 import pytest
 
 from launcher.config import CONFIG_ROOT
-from launcher.slurm import TemplateError, render
+from launcher.launch import launch_env
+from launcher.rundir import PREEMPTED
+from launcher.slurm import TemplateError, render, submit_main
 
 TINY = str(CONFIG_ROOT / "pretrain" / "tiny.yaml")
 EVIL = "x; touch {canary} $(touch {canary}) `touch {canary}` ' \" \n touch {canary}"
 
-FAKE_SRUN = """#!/bin/bash
+FAKE_SRUN = r"""#!/bin/bash
 python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$FAKE_LOG"
-trap 'echo USR1 >> "$FAKE_LOG"; [ -n "$PREEMPT" ] && touch "$PREEMPT"; exit 0' USR1
+[ -n "$SRUN_FAILS" ] && exit 1  # e.g. a node that cannot start the task
+if [ -n "$SRUN_RUNS" ]; then  # run the task itself (one node)
+    while [ "${1#--}" != "$1" ]; do shift; done
+    exec "$@"
+fi
+preempted() {  # what the trainer does: PREEMPTED, with this launch's id
+    echo USR1 >> "$FAKE_LOG"
+    [ -n "$PREEMPT" ] && echo "{\"launch\": \"$KILN_LAUNCH_ID\"}" > "$PREEMPT"
+    exit 0
+}
+trap preempted USR1
 [ -n "$PREEMPT_NOW" ] && touch "$PREEMPT_NOW"
 for _ in $(seq 40); do sleep 0.1; done
 """
@@ -160,3 +173,57 @@ def test_render_refuses_missing_values_and_quotes_everything():
     with pytest.raises(TemplateError, match="no value for B"):
         render("{{A}} {{B}}", {"A": 1})
     assert render("X={{A}} Y=({{B}})", {"A": "a b", "B": ["c", "d;e"]}) == "X='a b' Y=(c 'd;e')"
+
+
+def rendered(tmp_path, capsys, *extra: str) -> str:
+    """Render the job script in this process (`--dry-run`); returns its text's path."""
+    argv = [TINY, "--nodes", "1", f"run.output_dir={tmp_path / 'runs'}", *extra, "--dry-run"]
+    assert submit_main(argv) == 0
+    return shlex.split(capsys.readouterr().out.split("[kiln] ", 1)[1])[-1]
+
+
+def stale_marker(run_dir) -> None:
+    """PREEMPTED as the same job's previous run left it (restart 0; this is restart 1)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / PREEMPTED).write_text(json.dumps({"step": 1, "launch": "4242.0"}))
+
+
+def test_a_marker_left_by_an_earlier_launch_never_requeues(tmp_path, fake_slurm, capsys):
+    script = rendered(tmp_path, capsys, "run.name=stale")
+    stale_marker(tmp_path / "runs" / "stale")
+    env = {**fake_slurm, "SLURM_RESTART_COUNT": "1", "SRUN_FAILS": "1"}
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr  # srun's failure, not requeued
+    assert "is from launch 4242.0, not 4242.1" in done.stdout
+    assert not any(isinstance(c, str) and "requeue" in c for c in calls(fake_slurm))
+
+
+@pytest.mark.slow
+def test_a_launch_that_fails_before_training_removes_the_marker_and_is_not_requeued(
+    tmp_path, fake_slurm, capsys
+):
+    """The real launcher, one node, one process: a setup failure (a checkpoint that is not
+    there) after an earlier launch stopped early and left PREEMPTED."""
+    overrides = ["run.name=stale", "checkpoint.resume=/nonexistent", "metrics.wandb=false"]
+    script = rendered(tmp_path, capsys, *overrides, f"data.builtin.dir={tmp_path / 'corpus'}")
+    run_dir = tmp_path / "runs" / "stale"
+    stale_marker(run_dir)
+    env = {**fake_slurm, "SLURM_RESTART_COUNT": "1", "SLURM_NNODES": "1", "SRUN_RUNS": "1"}
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log
+    assert "kiln: error:" in log and "/nonexistent" in log
+    assert not (run_dir / PREEMPTED).exists()
+    assert not any(isinstance(c, str) and "requeue" in c for c in calls(fake_slurm))
+
+
+def test_the_grace_time_is_one_value_for_slurm_the_agent_and_the_job(tmp_path, capsys, monkeypatch):
+    with open(rendered(tmp_path, capsys, "run.name=g", "checkpoint.grace=120")) as f:
+        assert "#SBATCH --signal=B:USR1@120\n" in f.read()
+    with open(rendered(tmp_path, capsys, "run.name=g", "--grace", "60")) as f:
+        text = f.read()
+    assert "#SBATCH --signal=B:USR1@60\n" in text and "checkpoint.grace=60" in text
+    monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
+    # the agent waits the grace time less a margin for its own exit and the requeue
+    assert launch_env(grace=300)["PET_SHUTDOWN_TIMEOUT"] == "270"
+    assert launch_env(grace=60)["PET_SHUTDOWN_TIMEOUT"] == "30"

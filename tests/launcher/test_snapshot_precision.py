@@ -283,3 +283,22 @@ def _two_rank_worker(root: Path) -> None:
 
 if __name__ == "__main__":
     _two_rank_worker(Path(sys.argv[1]))
+
+
+def test_zero0_bf16_starts_from_the_model_weights_with_no_adam_step(root):
+    """FP16_UnfusedOptimizer runs one AdamW step on zero gradients as it is built: the masters
+    shrank by lr x weight decay and Adam's count started at 1 (other stages: 0)."""
+    from launcher import snapshot
+
+    cfg = config(root, "zero0-fresh", "dist.zero_stage=0")
+    assert cfg.optim.weight_decay > 0
+    trainer = train(cfg, fit=False)
+    wrapper = trainer.engine.optimizer
+    assert type(wrapper).__name__ == "FP16_UnfusedOptimizer"
+    pairs = [
+        (lo, hi)
+        for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)
+        for lo, hi in zip(lows, highs, strict=True)
+    ]
+    assert pairs and all(torch.equal(hi, lo.detach().float()) for lo, hi in pairs)
+    assert snapshot.adam_step(trainer.optimizer, trainer.engine) == 0.0
