@@ -169,7 +169,7 @@ def save_load_worker(spec: dict) -> None:
     wraps = [
         (persist, "save", "other (mkdirs, JSON parts, config copy, prune, log)"),
         (snapshot, "ensure_moments", "ensure_moments"),
-        (snapshot, "_full", "gather: safe_get_full_* (ZeRO-3 all-gather, copy to CPU)"),
+        (snapshot.Master, "get", "gather: safe_get_full_* (ZeRO-3 all-gather, copy to CPU)"),
         (snapshot, "save_file", "safetensors serialize + write"),
         (snapshot, "save_rng", "RNG state"),
         (trainer.task, "save_extras", "tokenizer copy"),
@@ -181,7 +181,7 @@ def save_load_worker(spec: dict) -> None:
         (persist, "_check", "verify: other (manifest read)"),
         (persist, "load", "load: other (trainer.json, rank parts, log)"),
         (snapshot, "load_weights", "read safetensors (open, index, get_tensor)"),
-        (snapshot, "_set_full", "set: safe_set_full_* + GatheredParameters (ZeRO-3)"),
+        (snapshot.Master, "set", "set: safe_set_full_* + GatheredParameters (ZeRO-3)"),
         (trainer.task, "load_state_dict", "data state"),
         (snapshot, "load_rng", "RNG state"),
     ]
