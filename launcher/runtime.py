@@ -8,6 +8,8 @@ explicitly and then checks that the world it got is the world the config was val
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -222,14 +224,26 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
     handlers = [
         InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     ]
-    accelerator = Accelerator(
-        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
-        gradient_accumulation_steps=ds["gradient_accumulation_steps"],
-        mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
-        kwargs_handlers=handlers,
-        log_with=log_with,
-        project_dir=str(cfg.run_dir),
-    )
+    # DeepSpeed prints "... shm_comm_op built successfully" on every rank (a bare print while
+    # it joins the process group): kept out of the default console, any other line passes.
+    # Imported first: DeepSpeed's log handler binds sys.stdout when it is created, and one
+    # created inside the redirect would send every later DeepSpeed log line into the buffer.
+    import deepspeed  # noqa: F401
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        accelerator = Accelerator(
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
+            gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+            mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+            kwargs_handlers=handlers,
+            log_with=log_with,
+            project_dir=str(cfg.run_dir),
+        )
+    verbose = os.environ.get("KILN_VERBOSE") == "1"
+    for line in printed.getvalue().splitlines():
+        if verbose or "built successfully" not in line:
+            print(line)
     if accelerator.num_processes != cfg.dist.world_size:
         raise RuntimeError(
             f"this process joined a world of {accelerator.num_processes} processes but the "

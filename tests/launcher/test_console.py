@@ -16,6 +16,7 @@ BANNERS = {
     "deepspeed optimizer": "untested optimizer",
     "torch.distributed deprecation": "FutureWarning",
     "wandb banner": "wandb: ",
+    "deepspeed shm op": "built successfully",
 }
 OMP_BANNER = "Setting OMP_NUM_THREADS environment variable"  # torchrun, when it is unset
 

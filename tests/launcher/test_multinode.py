@@ -126,6 +126,9 @@ def test_usr1_preempts_checkpoints_requeues_and_finishes_like_an_uninterrupted_r
     assert "requeueing job" in log and "restart 1" in log
     final = losses(root, "preempt")
     assert max(final) == 60
-    assert final[60] == pytest.approx(losses(root, "straight")[60], abs=1e-6)
+    # "straight" ran on one host (DeepSpeed's shared-memory all-reduce), "preempt" over gloo
+    # between hosts: another summation order, 2e-7 apart from step 2 on, 2.5e-6 by step 60.
+    # A preemption bug (a lost or repeated batch, a wrong moment) moves the loss by >1e-3.
+    assert final[60] == pytest.approx(losses(root, "straight")[60], abs=2e-5)
     checkpoints = [p.name for p in (root / "preempt" / "checkpoints").glob("step-*")]
     assert checkpoints and not (root / "preempt" / "PREEMPTED").exists()
