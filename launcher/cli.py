@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from launcher import console
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             lock = take_run_dir(config.run_dir)
         with STOP.catching():
             stage.run(config)
+        report_end()
     except UserError as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 1
@@ -222,14 +225,42 @@ def run_forwarding_signals(
     """Run the launcher; a SIGTERM/SIGUSR1/SIGINT sent to us goes to it (and on to every
     worker, see launch_env), instead of killing us and orphaning the job. ``pass_fds`` (the
     run directory's lock) stay open in it, so the lock lasts as long as the job does."""
-    env = launch_env(extra_env, nproc=nproc, grace=grace)
+    ends = tempfile.mkdtemp(prefix="kiln-end-")
+    env = launch_env({**(extra_env or {}), END_DIR_ENV: ends}, nproc=nproc, grace=grace)
     proc = subprocess.Popen(command, env=env, pass_fds=pass_fds)
     previous = {
-        sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum))
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum)) for sig in STOP_SIGNALS
     }
     try:
-        return proc.wait()
+        code = proc.wait()
+        if nproc and ended_cleanly(code, Path(ends), nproc):
+            code = 0
+        return code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(ends, ignore_errors=True)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+END_DIR_ENV = "KILN_END_DIR"
+"""A directory of this node's launch where each worker whose stage returned (it finished, or
+it stopped after saving) writes a file named by its local rank."""
+
+
+def report_end() -> None:
+    """Worker: this rank's stage returned; the node's launcher reads it (``ended_cleanly``)."""
+    directory = os.environ.get(END_DIR_ENV)
+    if directory and os.path.isdir(directory):
+        rank = os.environ.get("LOCAL_RANK", "0")
+        Path(directory, rank).write_text(f"{STOP.name or 'finished'}\n")
+
+
+def ended_cleanly(code: int, ends: Path, nproc: int) -> bool:
+    """Whether an agent that exited ``code`` ended only because it was sent a stop signal
+    while every one of its ``nproc`` workers returned normally (saved and stopped, or done):
+    the agent then exits 128 + the signal (launcher/agent.py), but nothing failed, and a
+    task that exits non-zero makes srun cancel the other nodes and logs read like a crash."""
+    if code not in {128 + int(sig) for sig in STOP_SIGNALS}:
+        return False
+    return sum(1 for _ in ends.iterdir()) >= nproc

@@ -11,6 +11,8 @@ and only that one, so that their real warnings still show:
 - wandb's banner and summary: ``WANDB_SILENT`` offline (kiln prints where the run is),
   ``WANDB_QUIET`` online (keeps the run's URL and wandb's warnings).
 - transformers' "Writing model shards" bars: ``HF_HUB_DISABLE_PROGRESS_BARS``.
+- torch's elastic agent forwarding a stop signal ("Received SIGUSR1 death signal", "Sending
+  process N closing signal"): a logging filter in launcher/agent.py.
 
 The environment defaults go into ``os.environ``, so the launcher and every worker started
 from this process inherit them (and `--verbose`, as ``KILN_VERBOSE=1``); a variable the user
@@ -34,6 +36,17 @@ QUIET_LOG_MESSAGES = {
     ),
 }
 """Logger name -> messages (prefixes after leading '*' and spaces) dropped unless verbose."""
+
+QUIET_AGENT_MESSAGES = {
+    "torch.distributed.elastic.agent.server.api": ("Received %s death signal",),
+    "torch.distributed.elastic.multiprocessing.api": (
+        "Sending process %s closing signal",
+        "Closing process %s via signal",
+    ),
+}
+"""torch's elastic agent announcing that it forwards a stop signal to the workers: what a
+preemption is meant to do, not a problem (launcher/agent.py). Its warnings when a worker
+does not exit in time ("Unable to shutdown process ...") still show."""
 
 # Packages through which DeepSpeed finds an accelerator other than CUDA (its real_accelerator)
 _ACCELERATOR_PLUGINS = (
@@ -102,3 +115,7 @@ def _wandb_mode(config: object | None) -> str | None:
 def _drop_known_messages(record: logging.LogRecord) -> bool:
     message = str(record.msg).lstrip("* ")
     return not message.startswith(QUIET_LOG_MESSAGES.get(record.name, ()))
+
+
+def drop_agent_messages(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(QUIET_AGENT_MESSAGES.get(record.name, ()))

@@ -52,7 +52,8 @@ def accelerate_command(
     Raises ``ValueError`` when several nodes are asked for without the main node's address.
     """
     name = f"zero{zero_stage}" + ("-offload" if offload and zero_stage else "")
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    # accelerate's launcher, ending quietly (exit 128 + signal) after a stop signal
+    command = [sys.executable, "-m", "launcher.agent"]
     command += ["--config_file", str(CONFIG_ROOT / "accelerate" / f"{name}.yaml")]
     command += ["--deepspeed_config_file", str(CONFIG_ROOT / "deepspeed" / f"{name}.json")]
     command += ["--num_processes", str(nproc * nodes), "--num_machines", str(nodes)]

@@ -365,6 +365,7 @@ class ProgressBar:
                 disable=not self.enabled, file=self._stream,
             )  # fmt: skip
         self.total, self._step, self._start_step = total, initial, initial
+        self._printed: int | None = None  # the step of the last plain line
         self._started = self._last_line = time.monotonic()
         self._postfix: dict[str, str] = {}
 
@@ -389,6 +390,9 @@ class ProgressBar:
         self._last_line = time.monotonic()
         if not self.enabled or not self.total:
             return
+        if self._step >= self.total and self._printed == self._step:
+            return  # the last step's line is out: nothing more to say
+        self._printed = self._step
         elapsed = self._last_line - self._started
         done = self._step - self._start_step
         eta = elapsed / done * (self.total - self._step) if done > 0 else None

@@ -115,27 +115,79 @@ def write_marker(run_dir: Path, info: dict) -> Path:
     return path
 
 
-def marker_launch(run_dir: Path) -> str | None:
-    """The launch id in the run directory's PREEMPTED marker (None: no marker)."""
+def read_marker(run_dir: Path) -> dict | None:
+    """The run directory's PREEMPTED marker (None: no marker; {} when unreadable)."""
     path = Path(run_dir) / PREEMPTED
     try:
-        return json.loads(path.read_text()).get("launch") or ""
+        info = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (ValueError, AttributeError):
-        return ""
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def marker_launch(run_dir: Path) -> str | None:
+    """The launch id in the run directory's PREEMPTED marker (None: no marker)."""
+    info = read_marker(run_dir)
+    return None if info is None else str(info.get("launch") or "")
+
+
+ENDING_STATES = frozenset({"COMPLETING", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"})
+"""Slurm job states (as `scontrol show job` gives them to the batch script) that say Slurm
+itself is ending the job: `scancel` shows COMPLETING by then. A stop it asked for to be
+survived (the --signal before the time limit, a preemption's grace) leaves it RUNNING."""
+
+
+def summary(
+    run_dir: Path, launch: str, status: int | None = None, job_state: str = ""
+) -> tuple[bool, str]:
+    """Whether the launch ``launch`` (Slurm's "JOB.RESTART") stopped early with a checkpoint
+    and should be requeued, and one line saying what happened, for the batch script's log.
+    A job that Slurm is ending (``job_state`` in ENDING_STATES: `scancel`, the time limit
+    passed) is not requeued even then: a user who cancels a job means it."""
+    info = read_marker(run_dir)
+    job, _, restart = launch.partition(".")
+    exit_status = "" if status is None else f" (exit status {status})"
+    if info is None or info.get("launch") != launch:
+        why = (
+            f"{Path(run_dir) / PREEMPTED} is from launch {info.get('launch') or '?'}, not {launch}"
+            if info is not None
+            else "the run finished"
+            if status == 0
+            else "the run failed before saving a stop checkpoint: see the errors above"
+        )
+        return False, f"[kiln] job {job} ended{exit_status}: {why}; not requeued"
+    seconds = info.get("seconds_to_save")
+    saved = f" in {seconds:.1f} s" if isinstance(seconds, int | float) else ""
+    pending = f", before {info['pending']}" if info.get("pending") else ""
+    again = f" as restart {int(restart) + 1}" if restart.isdigit() else ""
+    if job_state in ENDING_STATES:
+        return False, (
+            f"[kiln] stopped at step {info.get('step', '?')} by "
+            f"{info.get('reason') or 'a stop'}, checkpoint saved{saved}; Slurm is ending job "
+            f"{job} ({job_state}: scancel, or the time limit passed): not requeued, submit it "
+            "again to resume"
+        )
+    return True, (
+        f"[kiln] stopped at step {info.get('step', '?')} by {info.get('reason') or 'a stop'}"
+        f"{pending}, checkpoint saved{saved}: requeueing job {job}{again}"
+    )
 
 
 def main(argv: list[str]) -> int:
-    """`python -m launcher.rundir preempted RUN_DIR LAUNCH_ID`: exit 0 when the marker is
-    this launch's (the sbatch script then requeues), 1 otherwise."""
-    if len(argv) != 3 or argv[0] != "preempted":
-        print("usage: python -m launcher.rundir preempted RUN_DIR LAUNCH_ID", file=sys.stderr)
+    """`python -m launcher.rundir preempted RUN_DIR LAUNCH_ID [STATUS [JOB_STATE]]`: print
+    what happened to the launch and exit 0 when it stopped early with a checkpoint and should
+    be requeued (the sbatch script then requeues it), 1 otherwise."""
+    if len(argv) not in (3, 4, 5) or argv[0] != "preempted":
+        usage = "usage: python -m launcher.rundir preempted RUN_DIR LAUNCH_ID [STATUS [JOB_STATE]]"
+        print(usage, file=sys.stderr)
         return 2
-    found = marker_launch(Path(argv[1]))
-    if found is not None and found != argv[2]:
-        print(f"[kiln] {Path(argv[1]) / PREEMPTED} is from launch {found or '?'}, not {argv[2]}")
-    return 0 if found == argv[2] else 1
+    status = int(argv[3]) if len(argv) >= 4 and argv[3].lstrip("-").isdigit() else None
+    state = argv[4].strip().upper() if len(argv) == 5 else ""
+    requeue, line = summary(Path(argv[1]), argv[2], status, state)
+    print(line, flush=True)
+    return 0 if requeue else 1
 
 
 if __name__ == "__main__":

@@ -62,11 +62,77 @@ def sbatch(script: Path, args: list[str], dependency: str | None = None) -> list
     return [*command, str(script)]
 
 
-def _submit(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True)
+class SubmitError(RuntimeError):
+    """sbatch refused a job (or is not there); the message is one line for the user."""
+
+
+def _submit(command: list[str], gpus_per_node: int = 0) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SubmitError(
+            "sbatch not found: run `slurm submit` where Slurm's commands are (a login "
+            "node), or add --dry-run to see the script and the sbatch command"
+        ) from None
     if done.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed: {done.stderr.strip()}")
+        said = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+        if gpus_per_node and "gres" in said.lower():
+            raise SubmitError(
+                f"the cluster has no GPU to give for --gpus-per-node {gpus_per_node} "
+                f"({said}); on CPU nodes use --gpus-per-node 0 --nproc-per-node N"
+            )
+        raise SubmitError(f"sbatch refused the job: {said}")
     return done.stdout.strip().split(";")[0]
+
+
+MIN_TRAIN_SECONDS = 60
+"""What a job needs between its start and Slurm's stop signal: launching the processes on
+every node, building the model and the first step (about 40 s measured on a 2-node CPU
+cluster), so that the signal finds a run it can checkpoint."""
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """Slurm's --time formats ("minutes", "minutes:seconds", "hours:minutes:seconds",
+    "days-hours", "days-hours:minutes", "days-hours:minutes:seconds") in seconds; None for
+    no limit ("0", "UNLIMITED", "INFINITE"). ``ValueError`` for anything else."""
+    value = text.strip()
+    if value.upper() in ("UNLIMITED", "INFINITE") or value == "0":
+        return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
+    if not match:
+        raise ValueError(text)
+    days, a, b, c = match.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = [*parts, 0, 0][:3]
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+def check_grace(time_limit: str | None, grace: float, from_option: bool) -> str | None:
+    """Why ``grace`` (seconds between Slurm's stop signal and its kill) leaves the job no
+    time to train within ``time_limit``; None when it fits (or there is no limit)."""
+    if time_limit is None:
+        return None
+    try:
+        limit = time_limit_seconds(time_limit)
+    except ValueError:
+        return f"--time {time_limit}: not a Slurm time (minutes, or [days-]hours:minutes:seconds)"
+    if limit is None or limit - grace >= MIN_TRAIN_SECONDS:
+        return None
+    named = f"--grace {grace:g}" if from_option else f"--grace (checkpoint.grace = {grace:g})"
+    fits = (limit - MIN_TRAIN_SECONDS) // 2
+    remedy = f"--grace {fits} or less, or a longer --time" if fits >= 10 else "a longer --time"
+    when = f"{limit - grace:g} s after the start" if limit > grace else "as soon as it starts"
+    return (
+        f"--time {time_limit} ({limit} s) with {named}: Slurm sends the stop signal {grace:g} s "
+        f"before the limit, {when}, and a job needs about {MIN_TRAIN_SECONDS} s to start "
+        f"training before it can save a checkpoint. Use {remedy}"
+    )
 
 
 def _export_log(logs: Path) -> list[str]:
@@ -113,9 +179,33 @@ def submit_main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"kiln: {exc}", file=sys.stderr)
         return 2
+    problem = check_grace(args.time, cfg.checkpoint.grace, from_option=args.grace is not None)
+    if problem:
+        print(f"kiln: {problem}", file=sys.stderr)
+        return 2
     run_dir = cfg.run_dir.resolve()
     logs = run_dir / "slurm"
+    # Made here and removed again if sbatch refuses the job: a refusal leaves nothing behind.
+    created = [d for d in (run_dir.parent, run_dir, logs) if not d.exists()]
     logs.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        return _render_and_submit(args, cfg, config_path, overrides, logs, nproc, written)
+    except SubmitError as exc:
+        print(f"kiln: {exc}", file=sys.stderr)
+        for path in written:
+            path.unlink(missing_ok=True)
+        for directory in reversed(created):  # the deepest first; only if still empty
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        return 1
+
+
+def _render_and_submit(args, cfg, config_path, overrides, logs, nproc, written) -> int:
+    """Write the job script(s) (appended to ``written``) and submit them, or print them with
+    --dry-run. ``SubmitError`` when sbatch refuses; a training job already submitted for a
+    chain whose export job is refused is cancelled again."""
+    run_dir = logs.parent
     name = args.job_name or f"kiln-{args.stage}-{cfg.run.name}"
     gpu = f"#SBATCH --gpus-per-node={args.gpus_per_node}" if args.gpus_per_node else ""
     values = {
@@ -133,33 +223,37 @@ def submit_main(argv: list[str]) -> int:
     }
     stamp = time.strftime("%Y%m%d-%H%M%S")
     script = logs / f"{args.stage}-{stamp}.sbatch"
+    written.append(script)
     script.write_text(render((TEMPLATES / "pretrain.sbatch").read_text(), values))
     # Paths and names go to sbatch as arguments, never into #SBATCH lines (a newline in a
     # path would otherwise start a shell command).
     extra = ["--job-name", name, "--output", str(logs / f"{args.stage}-%j.out")]
     extra += ["--partition", args.partition] if args.partition else []
     extra += ["--time", args.time] if args.time else []
-    commands = [sbatch(script, extra)]
+    command = sbatch(script, extra)
     export_script = None
     if args.then == "export":
         export_script = logs / f"export-{stamp}.sbatch"
+        written.append(export_script)
         export_values = {**values, "OUT": run_dir / "hf-export"}
         export_script.write_text(render((TEMPLATES / "export.sbatch").read_text(), export_values))
+    export_args = ["--job-name", name + "-export", *_export_log(logs)]
     if args.dry_run:
-        print(f"[kiln] {shlex.join(commands[0])}")
+        print(f"[kiln] {shlex.join(command)}")
         if export_script:
-            follow = sbatch(
-                export_script, [*extra[:1], name + "-export", *_export_log(logs)], "JOBID"
-            )
-            print(f"[kiln] {shlex.join(follow)}")
+            print(f"[kiln] {shlex.join(sbatch(export_script, export_args, 'JOBID'))}")
         return 0
-    job = _submit(commands[0])
+    job = _submit(command, args.gpus_per_node)
+    if export_script:
+        try:
+            follow = _submit(sbatch(export_script, export_args, job), args.gpus_per_node)
+        except SubmitError as exc:
+            subprocess.run(["scancel", job], capture_output=True)
+            raise SubmitError(f"{exc} (export job; training job {job} cancelled again)") from None
     print(f"[kiln] submitted job {job}: log {logs / f'{args.stage}-{job}.out'}")
     if export_script:
-        follow = _submit(
-            sbatch(export_script, ["--job-name", name + "-export", *_export_log(logs)], job)
-        )
         print(
-            f"[kiln] submitted job {follow} (export, after {job} succeeds): {run_dir / 'hf-export'}"
+            f"[kiln] submitted job {follow} (export, after {job} succeeds): "
+            f"log {logs / f'export-{follow}.out'}, model {run_dir / 'hf-export'}"
         )
     return 0

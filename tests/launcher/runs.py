@@ -111,7 +111,7 @@ def descendants(pid: int) -> list[int]:
 def rank_pids(launcher_pid: int) -> list[int]:
     """The training ranks: the processes whose parent is the elastic agent (DataLoader workers
     are one level further down)."""
-    agent = [p for p in descendants(launcher_pid) if "accelerate.commands.launch" in cmdline(p)]
+    agent = [p for p in descendants(launcher_pid) if "launcher.agent" in cmdline(p)]
     if not agent:
         return []
     return [p for p in descendants(agent[0]) if _parent(p) == agent[0]]

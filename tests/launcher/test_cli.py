@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.cli import main
+from launcher.cli import ended_cleanly, main
 from launcher.config import CONFIG_ROOT, load_config
 from pretrain.config import PretrainConfig
 
@@ -111,3 +112,17 @@ def test_module_entry_point_and_console_script_validate_before_running(in_tmp):
             [*cmd, "prepare", TINY, "model.n_heads=5"], capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 2 and "model.n_heads" in done.stderr
+
+
+def test_an_agent_ended_by_a_stop_signal_is_clean_only_if_every_worker_returned(tmp_path):
+    """torch's agent exits 128 + signal after forwarding a stop; the launch is clean (exit 0,
+    so srun cancels nothing) only when each of the node's workers reported its stage returned."""
+    usr1 = 128 + int(signal.SIGUSR1)
+    assert not ended_cleanly(usr1, tmp_path, nproc=2)
+    (tmp_path / "0").write_text("SIGUSR1\n")
+    assert not ended_cleanly(usr1, tmp_path, nproc=2)  # rank 1 did not return: it failed
+    (tmp_path / "1").write_text("SIGUSR1\n")
+    assert ended_cleanly(usr1, tmp_path, nproc=2)
+    assert ended_cleanly(128 + int(signal.SIGTERM), tmp_path, nproc=2)
+    assert not ended_cleanly(1, tmp_path, nproc=2)  # the agent itself failed
+    assert not ended_cleanly(128 + int(signal.SIGKILL), tmp_path, nproc=2)

@@ -133,7 +133,7 @@ def test_kill_9_of_one_rank_during_a_save_leaves_a_checkpoint_auto_resumes_from(
     victims = rank_pids(proc.pid)
     assert len(victims) == 2
     os.kill(rng.choice(victims), signal.SIGKILL)
-    proc.wait(timeout=120)
+    assert proc.wait(timeout=120) != 0  # a rank that died is a failed launch
     complete = sorted(p.name for p in ckpts.glob("step-????????"))
     assert complete, "no complete checkpoint was left"
     done = run(root, name, *args)
@@ -162,8 +162,11 @@ def signal_run(root, name, target: str, delay: str = "0"):
     targets = {"launcher": [proc.pid], "one rank": ranks[1:], "all ranks": ranks}[target]
     for pid in targets:
         os.kill(pid, signal.SIGUSR1)
-    proc.wait(timeout=300)
+    # a stop that saved is a clean end: exit 0, and no agent traceback or warning saying so
+    assert proc.wait(timeout=300) == 0, (root / f"{name}.log").read_text()[-3000:]
     assert not alive(everyone), "processes left behind"
+    log = (root / f"{name}.log").read_text()
+    assert "Traceback" not in log and "death signal" not in log and "closing signal" not in log
     return args
 
 
@@ -220,7 +223,7 @@ def test_sigterm_while_the_readers_are_stalled_saves_the_last_step_within_second
     wait_for(stalled, timeout=120)
     sent = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=120)
+    assert proc.wait(timeout=120) == 0
     assert time.monotonic() - sent < 60
     assert not alive(everyone), "processes left behind"
     marker = json.loads((root / name / "PREEMPTED").read_text())

@@ -15,7 +15,7 @@ import pytest
 
 from launcher.config import CONFIG_ROOT
 from launcher.launch import launch_env
-from launcher.rundir import PREEMPTED
+from launcher.rundir import PREEMPTED, summary
 from launcher.slurm import TemplateError, render, submit_main
 
 TINY = str(CONFIG_ROOT / "pretrain" / "tiny.yaml")
@@ -42,15 +42,25 @@ if [ "$1" = show ]; then echo nodeA; echo nodeB; else echo "scontrol $*" >> "$FA
 """
 FAKE_SBATCH = """#!/bin/bash
 python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$FAKE_LOG"
+if [ -n "$SBATCH_REFUSES" ] && [ "$(wc -l < "$FAKE_LOG")" -ge "${SBATCH_REFUSES_FROM:-1}" ]; then
+    echo "$SBATCH_REFUSES" >&2; exit 1
+fi
 echo $((4000 + $(wc -l < "$FAKE_LOG")))
 """
+FAKE_SCANCEL = """#!/bin/bash
+echo "scancel $*" >> "$FAKE_LOG"
+"""
+GRES_REFUSAL = (
+    "sbatch: error: Batch job submission failed: Invalid generic resource (gres) specification"
+)
 
 
 @pytest.fixture
 def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("sbatch", FAKE_SBATCH)):
+    fakes = {"srun": FAKE_SRUN, "scontrol": FAKE_SCONTROL, "sbatch": FAKE_SBATCH}
+    for name, body in {**fakes, "scancel": FAKE_SCANCEL}.items():
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
     env = {
@@ -158,6 +168,8 @@ def test_export_is_chained_after_the_training_job(tmp_path, fake_slurm):
     job = done.stdout.split("submitted job ")[1].split(":")[0]
     assert f"--dependency=afterok:{job}" in second
     assert f"submitted job {int(job) + 1} (export, after {job} succeeds)" in done.stdout
+    export_log = tmp_path / "runs" / "chain" / "slurm" / f"export-{int(job) + 1}.out"
+    assert f"log {export_log}" in done.stdout  # where the export job will write its log
     with open(second[-1]) as f:
         assert "launcher export" in f.read()
     assert first[-1] != second[-1]
@@ -227,3 +239,72 @@ def test_the_grace_time_is_one_value_for_slurm_the_agent_and_the_job(tmp_path, c
     # the agent waits the grace time less a margin for its own exit and the requeue
     assert launch_env(grace=300)["PET_SHUTDOWN_TIMEOUT"] == "270"
     assert launch_env(grace=60)["PET_SHUTDOWN_TIMEOUT"] == "30"
+
+
+def test_a_gpu_request_on_a_cluster_without_gpus_is_one_line_and_leaves_nothing(
+    tmp_path, fake_slurm
+):
+    env = {**fake_slurm, "SBATCH_REFUSES": GRES_REFUSAL}
+    done = submit(tmp_path, env, "run.name=gpu", "--gpus-per-node", "1", "--then", "export")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "--gpus-per-node 1" in done.stderr
+    assert "--gpus-per-node 0 --nproc-per-node N" in done.stderr
+    assert not (tmp_path / "runs").exists()  # no script, no run directory left behind
+
+
+def test_a_refused_export_job_cancels_the_training_job_it_was_chained_to(tmp_path, fake_slurm):
+    (tmp_path / "runs" / "keep").mkdir(parents=True)  # made by the user: stays
+    env = {**fake_slurm, "SBATCH_REFUSES": "sbatch: error: QOSMaxSubmitJobPerUserLimit"}
+    env["SBATCH_REFUSES_FROM"] = "2"  # the first sbatch (training) succeeds
+    done = submit(tmp_path, env, "run.name=chain", "--then", "export")
+    assert done.returncode == 1
+    assert "QOSMaxSubmitJobPerUserLimit" in done.stderr and "cancelled again" in done.stderr
+    assert "scancel 4001" in calls(fake_slurm)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["keep"]
+
+
+@pytest.mark.parametrize(
+    ("time_limit", "grace", "accepted"),
+    [("2", None, False), ("2", "30", True), ("1", "30", False), ("1-0", None, True)],
+)
+def test_a_grace_that_leaves_no_time_to_train_is_refused(
+    tmp_path, fake_slurm, time_limit, grace, accepted
+):
+    """Slurm signals `grace` seconds before the limit: with --time 2 (120 s) and the default
+    300 s it would signal during start-up, the job would save nothing and not requeue."""
+    extra = ["--time", time_limit, *(["--grace", grace] if grace else [])]
+    done = submit(tmp_path, fake_slurm, "run.name=t", *extra)
+    if accepted:
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 2 and not os.path.exists(fake_slurm["FAKE_LOG"])
+    assert f"--time {time_limit}" in done.stderr and "--grace" in done.stderr
+    if grace is None:  # the config's value: named as such
+        assert "--grace (checkpoint.grace = 300)" in done.stderr
+    assert ("--grace 30 or less" if time_limit == "2" else "a longer --time") in done.stderr
+
+
+def test_the_batch_script_says_in_one_line_how_the_job_ended(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    requeue, line = summary(run_dir, "17.0", 0)
+    assert (requeue, line) == (
+        False,
+        "[kiln] job 17 ended (exit status 0): the run finished; not requeued",
+    )
+    requeue, line = summary(run_dir, "17.2", 1)
+    assert not requeue and "failed before saving a stop checkpoint" in line
+    marker = {"launch": "17.2", "step": 397, "reason": "signal SIGUSR1", "seconds_to_save": 3.14}
+    (run_dir / PREEMPTED).write_text(json.dumps(marker))
+    requeue, line = summary(run_dir, "17.2", 0)
+    assert requeue and line == (
+        "[kiln] stopped at step 397 by signal SIGUSR1, checkpoint saved in 3.1 s: "
+        "requeueing job 17 as restart 3"
+    )
+    requeue, line = summary(run_dir, "17.3", 0)
+    assert not requeue and "is from launch 17.2, not 17.3" in line
+    # scancel: the stop saved a checkpoint, but the user meant it: no requeue
+    requeue, line = summary(run_dir, "17.2", 0, "COMPLETING")
+    assert not requeue and "not requeued, submit it again to resume" in line
+    assert summary(run_dir, "17.2", 0, "RUNNING")[0]
