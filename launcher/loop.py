@@ -60,6 +60,7 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skips: int = 0
     applied_steps: int = 0
+    finished_at: int | None = None  # a task ended the run early (finish): its new horizon
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +97,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.stopped = False  # every rank agreed to stop before the horizon or the export
         self._stop_requested = False
+        self._finish_requested: str | None = None
         self._stop_agreed: float | None = None
         self._abandoned: BaseException | None = None
         self._fetched: list[dict] | None = None  # the next step's micro-batches, agreed on
@@ -135,6 +137,8 @@ class Trainer:
         snapshot.undo_initial_step(self.optimizer, self.engine)  # ZeRO-0 + bf16 (it says why)
         snapshot.ensure_moments(self.optimizer, self.engine)
         self.resumed_from = persist.resume(self)
+        if self.state.finished_at is not None:  # a run a task finished early stays finished
+            self.horizon = self.state.finished_at
         if self.resumed_from is None and rt.is_main:
             _set_aside(self.cfg.run_dir / "metrics.jsonl")  # a fresh run: its own metrics file
         self.metrics = Metrics(
@@ -170,6 +174,7 @@ class Trainer:
                 batches = [next(self.batches) for _ in range(self.accum)]
         # a skipped step does not advance the schedule: the next step retries the same LR
         lr = set_lr(opt, lr_factor(self.cfg.schedule, self.state.applied_steps, self.horizon))
+        scale = self._item_scale(batches)
         losses, tokens = [], 0
         opt.step_called = False
         for micro, batch in enumerate(batches):
@@ -177,6 +182,8 @@ class Trainer:
             last = micro == self.accum - 1
             with self.timer.phase("forward_backward"):
                 loss = self.task.loss(self.engine, batch)
+                if scale is not None:
+                    loss = loss * scale
                 self.engine.backward(loss)
                 losses.append(loss.detach().float())
             tokens += self.task.tokens_in(batch)
@@ -209,6 +216,30 @@ class Trainer:
                 "stopping. Lower optim.lr, check the data, or resume from the last checkpoint "
                 f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips})"
             )
+
+    def _item_scale(self, batches: list[dict]) -> float | None:
+        """For a task whose loss is a sum over counted items (``Task.items_in``): the factor
+        that turns each micro-batch's sum into its share of the step's global item mean.
+        DeepSpeed divides every backward by the accumulation steps and averages gradients
+        over the ranks, so the factor is accum x world / (items of every micro-batch of every
+        rank). The logged loss (a mean over micro-batches and ranks) is then the global item
+        mean too. None: the task's losses are means (the default)."""
+        counts = [self.task.items_in(batch) for batch in batches]
+        if all(c is None for c in counts):
+            return None
+        if any(c is None for c in counts):
+            raise TypeError(f"{type(self.task).__name__}.items_in returned None for some batches")
+        total = torch.tensor(float(sum(counts)), device=self.runtime.device)
+        self.runtime.all_reduce(total, "sum")
+        return self.accum * self.runtime.world_size / max(float(total), 1.0)
+
+    def finish(self, reason: str) -> None:
+        """End the run after this step as if it were the last one (early stopping, a target
+        reached): every rank agrees after the step, then the end-of-training callbacks run
+        (final evaluation, checkpoint) and the stage exports. Any rank may ask, at any moment
+        of a step or its callbacks; all agree before the next step. Unlike a stop, this is no
+        preemption: no PREEMPTED marker, nothing to requeue, and a resume stays finished."""
+        self._finish_requested = self._finish_requested or reason
 
     def request_stop(self, reason: str) -> None:
         """Ask every rank to stop at the next agreement (before or after a step)."""
@@ -307,9 +338,15 @@ class Trainer:
             position = self._data_position()
             batches = self._fetch()
             # before the step's first collective (ZeRO gathers parameters in forward)
-            if self._agree([batches is None])[0]:
+            stop, finish = self._agree([batches is None, self._finish_requested is not None])
+            if stop:
                 self._rewind(position, fetched=batches is not None)
                 return self._stop()
+            if finish:  # asked for during the last step or its callbacks: it was the last
+                self._rewind(position, fetched=batches is not None)
+                log.info("finishing at step %d: %s", self.state.step, self._finish_requested)
+                self.state.finished_at = self.horizon = self.state.step
+                break
             self._fetched = batches
             self.train_step()
             if self._sync_control(started):

@@ -91,7 +91,8 @@ def build_optimizer(
     opt.max_norm = cfg.grad_clip
     opt.own_clipping = own_clipping
     for g in opt.param_groups:
-        g["base_lr"] = g.get("lr_scale", 1.0) * cfg.lr
+        g["peak_lr"] = cfg.lr
+        g.setdefault("lr_scale", 1.0)
     return opt
 
 
@@ -124,7 +125,10 @@ def lr_factor(cfg: ScheduleSection, step: int, total: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
-    """Apply the schedule; returns the learning rate of the first group."""
+    """Apply the schedule to every group, times its ``lr_scale``, read at every step: a task
+    changes a group's scale (layer-wise rates, gradual unfreezing: 0 until a layer's turn)
+    without rebuilding the optimizer, whose ZeRO partitions were laid out once. Returns the
+    schedule's learning rate (scale 1)."""
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * factor
-    return optimizer.param_groups[0]["lr"]
+        g["lr"] = g["peak_lr"] * g.get("lr_scale", 1.0) * factor
+    return optimizer.param_groups[0]["peak_lr"] * factor

@@ -38,6 +38,24 @@ def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return sorted(model.named_parameters())
 
 
+def frozen_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter that is not trained (``requires_grad`` False: a
+    LoRA base, a frozen backbone, layers not unfrozen yet), sorted by name. They have no
+    optimizer state and no fp32 master: a checkpoint holds their values only."""
+    return [(n, p) for n, p in named_parameters(model) if not p.requires_grad]
+
+
+def _full_value(param: nn.Parameter) -> torch.Tensor:
+    """A frozen parameter's whole value (ZeRO-3: gathered from its partitions, a collective
+    every rank must join)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
+    return param.detach()
+
+
 def _numel(param: nn.Parameter) -> int:
     """Elements of the whole parameter (a ZeRO-3 parameter holds none outside a forward)."""
     return param.ds_numel if hasattr(param, "ds_id") else param.numel()
@@ -159,8 +177,8 @@ class Master:
 
 
 def masters(model: nn.Module, optimizer, engine) -> list[tuple[str, Master]]:
-    """(name, master) of every parameter, sorted by name, for the optimizer wrapper DeepSpeed
-    chose for this stage and precision (``engine.optimizer``).
+    """(name, master) of every trained parameter, sorted by name, for the optimizer wrapper
+    DeepSpeed chose for this stage and precision (``engine.optimizer``).
 
     Raises ``RuntimeError`` naming the wrapper and the parameter when a parameter's master
     cannot be found (a wrapper this module does not know, e.g. the fused FP16_Optimizer)."""
@@ -175,6 +193,8 @@ def masters(model: nn.Module, optimizer, engine) -> list[tuple[str, Master]]:
         whole.update({id(p): p for g in optimizer.param_groups for p in g["params"]})
     out = []
     for name, param in named_parameters(model):
+        if not param.requires_grad:
+            continue  # frozen: no master (frozen_parameters)
         if id(param) in whole:
             out.append((name, Master(param, whole[id(param)], optimizer)))
         elif _uses_deepspeed_fragments(param):
@@ -219,8 +239,15 @@ def save_weights(
     ensure_moments(optimizer, engine)
     weights, moments = {}, {}
     params = masters(model, optimizer, engine)
-    owners = balance([_numel(m.param) for _, m in params], world)
-    for (name, master), owner in zip(params, owners, strict=True):
+    frozen = frozen_parameters(model)
+    # frozen values weigh a third of a trained parameter (no moments) in the balance
+    sizes = [3 * _numel(m.param) for _, m in params] + [_numel(p) for _, p in frozen]
+    owners = balance(sizes, world)
+    for (name, param), owner in zip(frozen, owners[len(params) :], strict=True):
+        value = _full_value(param)  # every rank joins the ZeRO-3 gather
+        if owner == rank:
+            weights[name] = value.float().cpu().contiguous()
+    for (name, master), owner in zip(params, owners[: len(params)], strict=True):
         for key in (None, *MOMENTS):
             # Every rank takes part in the gather, but only the owner copies the value to the
             # host: on GPUs the other ranks' copies were (world - 1) / world of a save's
@@ -248,14 +275,18 @@ def load_weights(model: nn.Module, optimizer, engine, folder: Path) -> None:
     ):
         with safe_open(str(path), framework="pt") as f:
             where.update({key: path for key in f.keys()})  # noqa: SIM118 (not a dict)
+
+    def read(stored: str) -> torch.Tensor:
+        if stored not in where:
+            raise KeyError(f"{folder}: no tensor {stored!r} (a checkpoint of another model?)")
+        with safe_open(str(where[stored]), framework="pt") as f:
+            return f.get_tensor(stored)
+
+    for name, param in frozen_parameters(model):
+        _set_model_weight(param, read(name))
     for name, master in masters(model, optimizer, engine):
         for key in (None, *MOMENTS):
-            stored = name if key is None else f"{name}::{key}"
-            if stored not in where:
-                raise KeyError(f"{folder}: no tensor {stored!r} (a checkpoint of another model?)")
-            with safe_open(str(where[stored]), framework="pt") as f:
-                value = f.get_tensor(stored)
-            master.set(key, value)
+            master.set(key, read(name if key is None else f"{name}::{key}"))
 
 
 # ------------------------------------------------------------------------------------ RNG state

@@ -34,7 +34,10 @@ class Task(ABC):
         """The model to train, on CPU or meta, identical on every rank."""
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        """Optimizer groups; a group may carry ``lr_scale`` (layer-wise learning rates)."""
+        """Optimizer groups; a group may carry ``lr_scale`` (layer-wise learning rates), which
+        the loop reads at every step: setting ``trainer.optimizer.param_groups[i]["lr_scale"]``
+        later (gradual unfreezing) takes effect at the next step. Parameters with
+        ``requires_grad`` False belong to no group (checkpoints keep their values only)."""
         return param_groups(model, self.cfg.optim.weight_decay)
 
     @abstractmethod
@@ -44,7 +47,19 @@ class Task(ABC):
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean loss of one micro-batch (a scalar with a graph)."""
+        """The loss of one micro-batch (a scalar with a graph): its mean, or, when
+        ``items_in`` counts the batch's items, their sum."""
+
+    def items_in(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """The items a micro-batch's loss is made of (supervised tokens, pairs, examples),
+        counted before its forward pass; None (the default) when every micro-batch weighs the
+        same (packed pretraining: equal targets everywhere) and ``loss`` returns a mean.
+
+        With a count, ``loss`` returns the *sum* over the batch's items, and the loop divides
+        by the step's global count, over every micro-batch of every rank (all-reduced once
+        per step), as transformers' Trainer does with ``num_items_in_batch``: a micro-batch
+        of 3 targets then weighs 3/3000 of one of 3000, not the same."""
+        return None
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens of a micro-batch counted for throughput and ``train.max_tokens``."""

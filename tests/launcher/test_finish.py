@@ -1,0 +1,46 @@
+"""A task may end its run early on purpose (early stopping, a target reached): that is a
+finished run, not a preemption: the end-of-training callbacks run, no PREEMPTED marker is
+written, and resuming it trains nothing more."""
+
+from __future__ import annotations
+
+from launcher.callbacks import default_callbacks
+from launcher.loop import Callback, Trainer
+from launcher.rundir import PREEMPTED
+from launcher.runtime import build_runtime
+
+from .test_item_loss import Toy, config
+
+
+class FinishAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.state.step == self.step:
+            trainer.finish("the target was reached")
+
+
+def train(cfg, *callbacks: Callback) -> Trainer:
+    runtime = build_runtime(cfg)
+    try:
+        trainer = Trainer(cfg, runtime, Toy(cfg, runtime), [*default_callbacks(cfg), *callbacks])
+        trainer.setup()
+        trainer.fit()
+        return trainer
+    finally:
+        runtime.close()
+
+
+def test_finish_at_step_3_of_10_ends_like_a_completed_run(tmp_path):
+    cfg = config(tmp_path, "finish", 2, 1).model_copy(deep=True)
+    cfg.train.max_steps = 10
+    cfg.checkpoint.resume = "auto"
+    trainer = train(cfg, FinishAt(3))
+    assert trainer.state.step == 3 and trainer.state.finished_at == 3
+    assert not trainer.stopped  # the stage goes on to its export
+    assert not (cfg.run_dir / PREEMPTED).exists()
+    saved = sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("step-*"))
+    assert saved == ["step-00000003"]  # the final checkpoint, at the step it finished
+    again = train(cfg)  # resuming a finished run: nothing more to train
+    assert str(again.resumed_from).endswith("step-00000003") and again.state.step == 3
