@@ -85,6 +85,11 @@ class Task(ABC):
         """Write the trained model as a plain HF directory (main rank only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot export its model")
 
+    def summary(self, results: dict[str, float], state) -> list[str]:
+        """The lines printed when the stage has exported its model (``state``: the loop's
+        counters, ``results``: the last logged metrics)."""
+        return [f"trained {state.step} steps"]
+
     def save_extras(self, folder: Path) -> list[str]:
         """Main rank: files that make a checkpoint self-contained (e.g. the tokenizer);
         returns their names relative to ``folder``."""

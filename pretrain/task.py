@@ -55,6 +55,14 @@ class PretrainTask(Task):
         self.validation = build_validation(cfg.data, self.corpus, self.tokenizer)
         self.loader: StreamLoader | None = None
 
+    def summary(self, results: dict[str, float], state) -> list[str]:
+        bpb = results.get("eval/bits_per_byte")
+        return [
+            f"trained {state.step} steps, {state.tokens:,} tokens; "
+            f"validation loss {results.get('eval/loss', float('nan')):.4f}"
+            + (f", bits per byte {bpb:.4f}" if bpb is not None else "")
+        ]
+
     def build_model(self) -> nn.Module:
         tok = self.tokenizer
         return build_model(

@@ -1,0 +1,129 @@
+"""One stage runner: what every stage does around the loop, so that a stage is a Task and a
+config (``pretrain/train.py`` is the example).
+
+In every process of the job: take over stop signals, build the runtime, seed, let the main
+rank prepare the inputs (corpus, tokenizer, resolved config) while the others wait, build the
+task and the trainer, resume, train. Then, unless the run stopped early (a signal: the grace
+time was for the checkpoint, the export comes on resume), export the model as a plain HF
+directory: into ``hf.tmp/``, renamed to ``hf/`` only when complete, so a kill mid-write never
+leaves a half directory that a next stage would load. ``hf/kiln.json`` records where it comes
+from: stage, step, config fingerprint, the checkpoint, the SHA-256 of every weight file (and
+a parent's, for a stage that starts from one).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from launcher.callbacks import default_callbacks
+from launcher.checkpoint import sha256_file
+from launcher.loop import Callback, Trainer
+from launcher.run_config import RunConfig
+from launcher.runtime import Runtime, build_runtime, seed_everything
+from launcher.signals import STOP, Interrupted
+from launcher.task import Task
+
+LINEAGE = "kiln.json"
+
+
+def run_stage(
+    cfg: RunConfig,
+    make_task: Callable[[RunConfig, Runtime], Task],
+    *,
+    prepare: Callable[[RunConfig], object] | None = None,
+    callbacks: list[Callback] | None = None,
+    parent: Path | None = None,
+) -> dict[str, float]:
+    """Train ``make_task(cfg, runtime)`` with the shared loop and export it to
+    ``<run_dir>/hf/``; returns the last logged metrics. ``prepare`` runs on the main rank
+    before any task is built; ``parent`` is the HF directory the stage started from (its
+    ``kiln.json`` and weights' digests go into the lineage)."""
+    with STOP.catching():  # the launcher's worker installed it already; in-process: from here
+        wandb = cfg.metrics.resolved_wandb_mode() != "disabled"
+        runtime = build_runtime(cfg, log_with="wandb" if wandb else None)
+        try:
+            return _run(cfg, runtime, make_task, prepare, callbacks, parent)
+        finally:
+            runtime.close()  # leave the process group: another run may follow in-process
+
+
+def _run(cfg, runtime: Runtime, make_task, prepare, callbacks, parent) -> dict[str, float]:
+    seed_everything(cfg.run.seed, runtime.rank)
+    if runtime.is_main and prepare is not None:
+        prepare(cfg)  # once, before the other ranks read what it writes
+    runtime.barrier()
+    task = make_task(cfg, runtime)
+    trainer = Trainer(cfg, runtime, task, callbacks or default_callbacks(cfg))
+    trainer.setup()
+    results = trainer.fit()
+    if trainer.stopped or type(task).export is Task.export:  # stopped, or nothing to export
+        runtime.barrier()
+        return results
+    # Under ZeRO-3 the full weights exist nowhere: every rank takes part in gathering them.
+    state = runtime.accelerator.get_state_dict(trainer.engine)
+    if runtime.is_main:
+        out = cfg.run_dir / "hf"
+        model = runtime.accelerator.unwrap_model(trainer.engine)
+        try:
+            with STOP.interruptible():  # the main rank alone: no collective to leave hanging
+
+                def write(tmp: Path) -> None:
+                    task.export(model, state, tmp)
+                    write_lineage(tmp, trainer, parent)
+
+                export_atomically(out, write)
+        except Interrupted:
+            trainer.mark_stopped(pending="the export")
+            runtime.barrier()
+            return results
+        for line in task.summary(results, trainer.state):
+            print(f"[kiln] {line}")
+        print(f"[kiln] metrics         {cfg.run_dir / 'metrics.jsonl'}")
+        print(f"[kiln] model           {out}/ (HF format)")
+    runtime.barrier()
+    return results
+
+
+def export_atomically(out: Path, write: Callable[[Path], object]) -> None:
+    """Have ``write`` fill ``out.tmp/``, then rename it to ``out``: ``out`` is whole or
+    absent (an older ``out`` is replaced only once the new one is complete)."""
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def weight_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of each weight file (safetensors) of an HF directory, by name."""
+    return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def write_lineage(out: Path, trainer: Trainer, parent: Path | None = None) -> Path:
+    """``out/kiln.json``: what made this model directory (written last, before the rename)."""
+    info = {
+        "stage": trainer.task.name,
+        "step": trainer.state.step,
+        "tokens": trainer.state.tokens,
+        "config_fingerprint": trainer.cfg.fingerprint(),
+        "run_dir": str(trainer.cfg.run_dir.resolve()),
+        "weights": weight_digests(out),
+        "parent": None,
+    }
+    if parent is not None:
+        parent = Path(parent).resolve()
+        lineage = parent / LINEAGE
+        info["parent"] = {
+            "path": str(parent),
+            "weights": weight_digests(parent),
+            "lineage": json.loads(lineage.read_text()) if lineage.exists() else None,
+        }
+    path = out / LINEAGE
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return path
