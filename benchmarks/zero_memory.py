@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from launcher.config import CONFIG_ROOT, load_config
-from launcher.plan import Setup, knobs_from, plan
+from pretrain.memory import Setup, knobs_from, plan
 
 STAGES, WORLDS = (0, 1, 2, 3), (1, 2)
 KINDS = ("buffers", "optimizer", "params", "grads", "other")
@@ -437,7 +437,7 @@ def report(args, results: dict, predictions: dict, seconds: float) -> str:
         )
     lines += [
         "",
-        "Planner (`launcher.plan`, fp32) beside the measurement, MiB (relative error). "
+        "Planner (`pretrain.memory`, fp32) beside the measurement, MiB (relative error). "
         "w/o buffers = states + activations/other at the peak.",
         "",
         "| ZeRO | ranks | params | grads | optimizer | states | w/o buffers | buffers | total |",

@@ -104,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
-    if argv[:1] == ["plan"]:
-        from launcher.plan import main as plan_main
-
-        return plan_main(argv[1:])
+    if argv[:1] == ["plan"]:  # the pretraining model's memory planner (pretrain/memory/)
+        planner = find_stage("pretrain").plan
+        return planner(argv[1:]) if planner else 2
     if argv[:2] == ["slurm", "submit"]:
         from launcher.slurm import submit_main
 

@@ -28,6 +28,8 @@ class Stage:
     """Runs in several processes (through `accelerate launch`) when asked for."""
     export: Callable[[Path, Path, Any], Any] | None = None
     """Checkpoint folder -> plain HF directory (`kiln export`)."""
+    plan: Callable[[list[str]], int] | None = None
+    """`kiln plan ARGS`: the memory planner of the stage's model, if it has one."""
 
 
 def stage_names() -> list[str]:

@@ -6,6 +6,7 @@ from launcher.runner import run_stage
 from launcher.stages import Stage
 from pretrain.config import PretrainConfig
 from pretrain.export import export_checkpoint
+from pretrain.memory import main as plan_main
 from pretrain.prepare import prepare_inputs
 from pretrain.task import PretrainTask
 
@@ -24,4 +25,5 @@ STAGE = Stage(
     help="pretrain the decoder on the configured corpus",
     distributed=True,
     export=export_checkpoint,
+    plan=plan_main,
 )

@@ -11,11 +11,10 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from launcher.cli import main
 from launcher.optim import param_groups
-from launcher.plan import (
+from pretrain.memory import (
     GiB,
     Setup,
     Tensor,
-    _zero12_partition,
     activation_bytes,
     deepspeed_knobs,
     load_model,
@@ -23,6 +22,7 @@ from launcher.plan import (
     parse_memory,
     plan,
 )
+from pretrain.memory.zero import _zero12_partition
 from pretrain.model import ModelConfig, build_model, param_count
 
 SMALL_GQA = dict(vocab_size=1000, d_model=256, n_layers=2, n_heads=4, ffn_size=704)
