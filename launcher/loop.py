@@ -109,9 +109,7 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         model = self.task.build_model()
         if cfg.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            self.task.enable_activation_checkpointing(model)
         base = None
         if cfg.dist.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -180,6 +180,12 @@ class RunConfig(Section):
                 f"({self.train.max_steps}); lower schedule.warmup_steps",
             )
 
+    def model_width(self) -> int | None:
+        """The model's hidden size, known before it is built: DeepSpeed's ZeRO buffers are
+        sized from it (launcher.runtime.SIZED_BY_MODEL). A stage's config says it (from its
+        model section, or its parent's config.json); None: DeepSpeed's defaults."""
+        return None
+
     def fingerprint(self) -> str:
         """A short hash of the resolved config, recorded beside checkpoints."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()

@@ -117,15 +117,15 @@ SIZED_BY_MODEL = {
 
 def resolve_sizes(zero: dict, d_model: int | None) -> dict:
     """``zero_optimization`` with every "auto" size knob set from the model width; without a
-    width, "auto" stays for Accelerate where it fills it and goes (DeepSpeed's default)
-    where it does not."""
+    width, removed: DeepSpeed's defaults (Accelerate would fill some from ``model.config``,
+    and fail on a model without one)."""
     out = dict(zero)
     for key, rule in SIZED_BY_MODEL.items():
         if out.get(key) != "auto":
             continue
         if d_model is not None:
             out[key] = rule(d_model)
-        elif key.startswith("stage3_max"):
+        else:
             del out[key]
     return out
 
@@ -141,8 +141,15 @@ def deepspeed_config(cfg: RunConfig, dtype: torch.dtype, world_size: int) -> dic
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage", "auto") == "auto":
         zero["stage"] = cfg.dist.zero_stage
-    model = getattr(cfg, "model", None)
-    zero = ds["zero_optimization"] = resolve_sizes(zero, getattr(model, "d_model", None))
+    width = cfg.model_width()
+    if width is None and zero["stage"] == 3 and os.environ.get("RANK", "0") == "0":
+        log.warning(
+            "ZeRO-3 without the model's width (%s.model_width() is None): DeepSpeed's default "
+            "buffer sizes, which keep a model under 1e9 parameters gathered on every rank "
+            "(no parameter memory saved)",
+            type(cfg).__name__,
+        )
+    zero = ds["zero_optimization"] = resolve_sizes(zero, width)
     if cfg.dist.offload_optimizer and zero["stage"] >= 1:
         zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
     if cfg.dist.offload_params and zero["stage"] == 3:

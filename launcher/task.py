@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from launcher.errors import UserError
 from launcher.optim import param_groups
 from launcher.run_config import RunConfig
 from launcher.runtime import Runtime
@@ -32,6 +33,19 @@ class Task(ABC):
     @abstractmethod
     def build_model(self) -> nn.Module:
         """The model to train, on CPU or meta, identical on every rank."""
+
+    def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        """``train.activation_checkpointing``: recompute activations in backward instead of
+        keeping them. Default: transformers' own switch (non-reentrant, which works with
+        frozen inputs and ZeRO-3); a model without one needs the task to say how."""
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise UserError(
+                f"train.activation_checkpointing: {type(self).__name__} builds a "
+                f"{type(model).__name__}, which has no gradient_checkpointing_enable(); set it "
+                "to false or override Task.enable_activation_checkpointing"
+            )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer groups; a group may carry ``lr_scale`` (layer-wise learning rates), which

@@ -16,6 +16,9 @@ class PretrainConfig(RunConfig):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
 
+    def model_width(self) -> int | None:
+        return self.model.d_model
+
     def problems(self) -> Iterable[tuple[str, str]]:
         yield from super().problems()
         if self.data.seq_len > self.model.max_seq_len:

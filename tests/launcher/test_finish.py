@@ -4,7 +4,10 @@ written, and resuming it trains nothing more."""
 
 from __future__ import annotations
 
+import pytest
+
 from launcher.callbacks import default_callbacks
+from launcher.errors import UserError
 from launcher.loop import Callback, Trainer
 from launcher.rundir import PREEMPTED
 from launcher.runtime import build_runtime
@@ -44,3 +47,27 @@ def test_finish_at_step_3_of_10_ends_like_a_completed_run(tmp_path):
     assert saved == ["step-00000003"]  # the final checkpoint, at the step it finished
     again = train(cfg)  # resuming a finished run: nothing more to train
     assert str(again.resumed_from).endswith("step-00000003") and again.state.step == 3
+
+
+def test_activation_checkpointing_on_a_model_without_it_is_a_clear_error(tmp_path):
+    cfg = config(tmp_path, "ckpt", 2, 1).model_copy(deep=True)
+    cfg.train.activation_checkpointing = True
+    runtime = build_runtime(cfg)
+    try:
+        trainer = Trainer(cfg, runtime, Toy(cfg, runtime), default_callbacks(cfg))
+        with pytest.raises(UserError, match=r"activation_checkpointing: Toy builds a Linear"):
+            trainer.setup()
+    finally:
+        runtime.close()
+
+
+def test_a_model_without_an_hf_config_trains_under_zero3(tmp_path):
+    """ZeRO-3's buffer sizes come from the config's model_width(); a task whose config gives
+    none (and whose model has no ``config`` for Accelerate to read) gets DeepSpeed's defaults
+    instead of Accelerate's "Can't find `model.config` entry" at prepare."""
+    cfg = config(tmp_path, "z3", 2, 1).model_copy(deep=True)
+    cfg.dist.zero_stage = 3
+    trainer = train(cfg)
+    assert trainer.engine.zero_optimization_stage() == 3 and trainer.state.step == 2
+    zero = trainer.runtime.ds_config["zero_optimization"]
+    assert "auto" not in zero.values() and "reduce_bucket_size" not in zero
