@@ -4,24 +4,42 @@
 from __future__ import annotations
 
 from launcher import persist
+from launcher.errors import UserError
 from launcher.loop import Callback, Trainer
+from launcher.run_config import BestSection
 
 
 class Evaluate(Callback):
-    """Evaluate every ``every`` steps (if set) and at the end of training."""
+    """Evaluate every ``every`` steps (if set) and at the end of training; with
+    ``checkpoint.best``, note a new best evaluation (the Checkpoint callback saves it)."""
 
-    def __init__(self, every: int | None):
-        self.every = every
+    def __init__(self, every: int | None, best: BestSection | None = None):
+        self.every, self.best = every, best
         self._done_at = -1
 
     def on_step_end(self, trainer: Trainer) -> None:
         if self.every and trainer.state.step % self.every == 0:
-            trainer.evaluate()
-            self._done_at = trainer.state.step
+            self._evaluate(trainer)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self._done_at != trainer.state.step:
-            trainer.evaluate()
+            self._evaluate(trainer)
+
+    def _evaluate(self, trainer: Trainer) -> None:
+        results = trainer.evaluate()
+        self._done_at = trainer.state.step
+        if self.best is None:
+            return
+        if self.best.metric not in results:
+            raise UserError(
+                f"checkpoint.best.metric: {self.best.metric!r} is not a metric of the "
+                f"evaluation ({', '.join(sorted(results)) or 'it returned none'})"
+            )
+        value, state = float(results[self.best.metric]), trainer.state
+        old = state.best_value
+        if old is None or (value < old if self.best.mode == "min" else value > old):
+            state.best_step, state.best_value = state.step, value
+            trainer.new_best = True
 
 
 class Log(Callback):
@@ -55,13 +73,27 @@ class Checkpoint(Callback):
             persist.save(trainer, "every")
         elif trainer.save_requested:
             persist.save(trainer, "on demand")
+        self._best(trainer)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if trainer.last_saved_step != trainer.state.step:
             persist.save(trainer, trainer.stop_reason or "end")
+        self._best(trainer)
+
+    def _best(self, trainer: Trainer) -> None:
+        if not getattr(trainer, "new_best", False):
+            return
+        trainer.new_best = False
+        if trainer.last_saved_step != trainer.state.step:
+            persist.save(trainer, "best")
+        persist.mark_best(trainer)
 
 
 def default_callbacks(cfg) -> list[Callback]:
     """Evaluate before logging, so an evaluation lands in the same metrics line; checkpoint
     last, so a checkpoint never misses what was logged before it."""
-    return [Evaluate(cfg.eval.every), Log(cfg.metrics.log_every), Checkpoint(cfg.checkpoint.every)]
+    return [
+        Evaluate(cfg.eval.every, cfg.checkpoint.best),
+        Log(cfg.metrics.log_every),
+        Checkpoint(cfg.checkpoint.every),
+    ]

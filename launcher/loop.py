@@ -61,6 +61,8 @@ class TrainState:
     consecutive_skips: int = 0
     applied_steps: int = 0
     finished_at: int | None = None  # a task ended the run early (finish): its new horizon
+    best_step: int | None = None  # checkpoint.best: the step of the best evaluation so far
+    best_value: float | None = None
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -101,6 +101,8 @@ def save(trainer: Trainer, reason: str) -> Path:
         }
         commit(tmp, final, files, meta)
         protect = {trainer.resumed_from} if trainer.resumed_from else set()
+        if trainer.state.best_step is not None:  # checkpoint.best: never pruned
+            protect.add(step_dir(root, trainer.state.best_step))
         c = cfg.checkpoint
         removed = prune(root, c.keep_last, c.keep_every, protect | {final})
         log.info(
@@ -113,6 +115,38 @@ def save(trainer: Trainer, reason: str) -> Path:
     rt.barrier()
     trainer.last_saved_step = step
     return final
+
+
+BEST = "best"
+
+
+def mark_best(trainer: Trainer) -> Path:
+    """Point ``checkpoints/best`` at the checkpoint of ``trainer.state.best_step`` (a
+    relative symlink, replaced atomically; main rank)."""
+    root = checkpoint_root(trainer)
+    target = step_dir(root, trainer.state.best_step)
+    if trainer.runtime.is_main:
+        tmp = root / (BEST + ".tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target.name)
+        tmp.replace(root / BEST)
+        best = trainer.cfg.checkpoint.best
+        value = trainer.state.best_value
+        log.info("best %s so far: %.6g at step %d", best.metric, value, trainer.state.best_step)
+    return target
+
+
+def load_best_weights(trainer: Trainer) -> Path | None:
+    """Put the best checkpoint's weights (and moments) into the engine, for the export; None
+    (nothing done) without ``checkpoint.best`` or when the last step is the best. Every rank
+    calls it (ZeRO-3 collectives)."""
+    best = trainer.state.best_step
+    if trainer.cfg.checkpoint.best is None or best is None or best == trainer.state.step:
+        return None
+    folder = step_dir(checkpoint_root(trainer), best)
+    snapshot.load_weights(trainer.engine.module, trainer.optimizer, trainer.engine, folder)
+    log.info("exporting the best checkpoint (step %d), not the last step's weights", best)
+    return folder
 
 
 def _check(folder: Path, trainer: Trainer) -> None:

@@ -121,6 +121,13 @@ class EvalSection(Section):
     """Evaluate on at most this many batches per rank (null: the whole validation set)."""
 
 
+class BestSection(Section):
+    metric: str = Field(..., min_length=1)
+    """An evaluation metric, e.g. eval/loss."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (loss) or higher (accuracy) is better."""
+
+
 class CheckpointSection(Section):
     every: int | None = Field(500, gt=0)
     """Save every this many steps (and always at the end and when stopped early)."""
@@ -133,6 +140,9 @@ class CheckpointSection(Section):
     so); must: fail if there is none; none: start fresh; or a checkpoint directory path."""
     verify: bool = True
     """Check every file against the manifest's SHA-256 before loading."""
+    best: BestSection | None = None
+    """Keep the checkpoint of the best evaluation ({metric, mode}) as `checkpoints/best`, never
+    pruned; the stage exports it instead of the last step's."""
     grace: int = Field(300, ge=10)
     """Seconds between a stop signal and the kill (Slurm: `--signal=B:USR1@grace`); the
     launcher gives the workers this less a margin (up to 30 s) to save a checkpoint."""

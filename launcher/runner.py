@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from launcher import persist
 from launcher.callbacks import default_callbacks
 from launcher.checkpoint import sha256_file
 from launcher.loop import Callback, Trainer
@@ -62,6 +63,7 @@ def _run(cfg, runtime: Runtime, make_task, prepare, callbacks, parent) -> dict[s
     if trainer.stopped or type(task).export is Task.export:  # stopped, or nothing to export
         runtime.barrier()
         return results
+    best = persist.load_best_weights(trainer)  # checkpoint.best: export that one
     # Under ZeRO-3 the full weights exist nowhere: every rank takes part in gathering them.
     state = runtime.accelerator.get_state_dict(trainer.engine)
     if runtime.is_main:
@@ -72,7 +74,7 @@ def _run(cfg, runtime: Runtime, make_task, prepare, callbacks, parent) -> dict[s
 
                 def write(tmp: Path) -> None:
                     task.export(model, state, tmp)
-                    write_lineage(tmp, trainer, parent)
+                    write_lineage(tmp, trainer, parent, best)
 
                 export_atomically(out, write)
         except Interrupted:
@@ -105,11 +107,15 @@ def weight_digests(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
 
 
-def write_lineage(out: Path, trainer: Trainer, parent: Path | None = None) -> Path:
-    """``out/kiln.json``: what made this model directory (written last, before the rename)."""
+def write_lineage(
+    out: Path, trainer: Trainer, parent: Path | None = None, checkpoint: Path | None = None
+) -> Path:
+    """``out/kiln.json``: what made this model directory (written last, before the rename);
+    ``checkpoint``: the one whose weights were exported, when not the last step's."""
     info = {
         "stage": trainer.task.name,
         "step": trainer.state.step,
+        "weights_from": str(checkpoint) if checkpoint else "the last step",
         "tokens": trainer.state.tokens,
         "config_fingerprint": trainer.cfg.fingerprint(),
         "run_dir": str(trainer.cfg.run_dir.resolve()),

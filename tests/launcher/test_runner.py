@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from launcher.checkpoint import sha256_file
 from launcher.config import CONFIG_ROOT
+from launcher.errors import UserError
+from launcher.run_config import BestSection
 from launcher.runner import run_stage
 
 from .test_item_loss import Toy, config
@@ -93,3 +96,41 @@ def test_a_stage_started_from_a_parent_records_it(tmp_path, with_parent):
 
 if __name__ == "__main__":
     run_stage(stage_config(Path(sys.argv[1])), ExportingToy)
+
+
+class ScriptedEval(ExportingToy):
+    """Evaluations give 5, 3, 4, 6, 7 at steps 1..5: the best (lowest) is step 2's."""
+
+    SCRIPT = (5.0, 3.0, 4.0, 6.0, 7.0)
+
+    def evaluate(self, model):
+        self.calls = getattr(self, "calls", 0) + 1
+        return {"eval/loss": self.SCRIPT[self.calls - 1]}
+
+
+def test_the_best_checkpoint_survives_pruning_and_is_what_the_stage_exports(tmp_path):
+    cfg = stage_config(tmp_path).model_copy(deep=True)
+    cfg.train.max_steps = 5
+    cfg.eval.every = 1
+    cfg.checkpoint.every = 1
+    cfg.checkpoint.keep_last = 1
+    cfg.checkpoint.best = BestSection(metric="eval/loss", mode="min")
+    run_stage(cfg, ScriptedEval)
+    root = cfg.run_dir / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000005"]
+    assert (root / "best").resolve() == (root / "step-00000002").resolve()
+    saved = load_file(str(next((root / "step-00000002").glob("model-*.safetensors"))))
+    exported = load_file(str(cfg.run_dir / "hf" / "model.safetensors"))
+    assert all(torch.equal(exported[k], saved[k]) for k in exported)  # step 2's, not 5's
+    lineage = json.loads((cfg.run_dir / "hf" / "kiln.json").read_text())
+    assert lineage["step"] == 5 and lineage["weights_from"].endswith("step-00000002")
+    state = json.loads((root / "step-00000005" / "trainer.json").read_text())["train_state"]
+    assert (state["best_step"], state["best_value"]) == (2, 3.0)  # remembered across resumes
+
+
+def test_a_best_metric_the_evaluation_does_not_report_is_named(tmp_path):
+    cfg = stage_config(tmp_path).model_copy(deep=True)
+    cfg.eval.every = 1
+    cfg.checkpoint.best = BestSection(metric="eval/accuracy", mode="max")
+    with pytest.raises(UserError, match=r"checkpoint.best.metric: 'eval/accuracy' .*eval/loss"):
+        run_stage(cfg, ScriptedEval)
