@@ -13,12 +13,13 @@ class Evaluate(Callback):
     """Evaluate every ``every`` steps (if set) and at the end of training; with
     ``checkpoint.best``, note a new best evaluation (the Checkpoint callback saves it)."""
 
-    def __init__(self, every: int | None, best: BestSection | None = None):
+    def __init__(self, every: int | str | None, best: BestSection | None = None):
         self.every, self.best = every, best
         self._done_at = -1
 
     def on_step_end(self, trainer: Trainer) -> None:
-        if self.every and trainer.state.step % self.every == 0:
+        every = trainer.steps_per_epoch if self.every == "epoch" else self.every
+        if every and trainer.state.step % every == 0:
             self._evaluate(trainer)
 
     def on_fit_end(self, trainer: Trainer) -> None:

@@ -132,7 +132,17 @@ class Trainer:
         self.batches: Iterator | None = None  # workers start at the first batch, after resume
         self.accum = cfg.grad_accum_steps
         tokens_per_step = cfg.train.global_batch_size * self.task.tokens_per_sequence()
-        self.horizon = cfg.train.horizon(tokens_per_step)
+        self.steps_per_epoch = self.task.steps_per_epoch()
+        wants = {
+            "train.epochs": cfg.train.epochs is not None,
+            "eval.every": cfg.eval.every == "epoch",
+        }
+        for key in (k for k, v in wants.items() if v and self.steps_per_epoch is None):
+            raise UserError(
+                f"{key}: {type(self.task).__name__} streams its data (no epoch length: "
+                "Task.steps_per_epoch is None); use train.max_steps and a number of steps"
+            )
+        self.horizon = cfg.train.horizon(tokens_per_step, self.steps_per_epoch)
         self.peak, self.peak_source = peak_flops(rt.device, rt.dtype, cfg.metrics.peak_flops)
         snapshot.undo_initial_step(self.optimizer, self.engine)  # ZeRO-0 + bf16 (it says why)
         snapshot.ensure_moments(self.optimizer, self.engine)
@@ -174,7 +184,7 @@ class Trainer:
                 batches = [next(self.batches) for _ in range(self.accum)]
         # a skipped step does not advance the schedule: the next step retries the same LR
         lr = set_lr(opt, lr_factor(self.cfg.schedule, self.state.applied_steps, self.horizon))
-        scale = self._item_scale(batches)
+        scale, step_tokens = self._item_scale(batches)
         losses, tokens = [], 0
         opt.step_called = False
         for micro, batch in enumerate(batches):
@@ -197,7 +207,8 @@ class Trainer:
             skipped = not opt.step_called
             grad_norm = _as_float(self.engine.get_global_grad_norm())
         self.state.step += 1
-        self.state.tokens += tokens * rt.world_size
+        # equal on every rank for packed pretraining; counted over the ranks for item losses
+        self.state.tokens += tokens * rt.world_size if step_tokens is None else step_tokens
         if skipped:
             self.state.skipped_steps += 1
             self.state.consecutive_skips += 1
@@ -217,21 +228,25 @@ class Trainer:
                 f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips})"
             )
 
-    def _item_scale(self, batches: list[dict]) -> float | None:
+    def _item_scale(self, batches: list[dict]) -> tuple[float | None, int | None]:
         """For a task whose loss is a sum over counted items (``Task.items_in``): the factor
         that turns each micro-batch's sum into its share of the step's global item mean.
         DeepSpeed divides every backward by the accumulation steps and averages gradients
         over the ranks, so the factor is accum x world / (items of every micro-batch of every
         rank). The logged loss (a mean over micro-batches and ranks) is then the global item
-        mean too. None: the task's losses are means (the default)."""
+        mean too. Also the step's tokens over every rank (in the same all-reduce: with
+        masked losses, ranks see different token counts). (None, None): the task's losses are
+        means (the default)."""
         counts = [self.task.items_in(batch) for batch in batches]
         if all(c is None for c in counts):
-            return None
+            return None, None
         if any(c is None for c in counts):
             raise TypeError(f"{type(self.task).__name__}.items_in returned None for some batches")
-        total = torch.tensor(float(sum(counts)), device=self.runtime.device)
+        tokens = sum(self.task.tokens_in(batch) for batch in batches)
+        total = torch.tensor([float(sum(counts)), float(tokens)], device=self.runtime.device)
         self.runtime.all_reduce(total, "sum")
-        return self.accum * self.runtime.world_size / max(float(total), 1.0)
+        items, tokens = total.tolist()
+        return self.accum * self.runtime.world_size / max(items, 1.0), int(tokens)
 
     def finish(self, reason: str) -> None:
         """End the run after this step as if it were the last one (early stopping, a target

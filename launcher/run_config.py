@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -36,6 +36,9 @@ class TrainSection(Section):
     """Sequences per forward/backward on one rank."""
     max_steps: int = Field(100, gt=0)
     """Optimizer steps to run (also the horizon of the learning-rate schedule)."""
+    epochs: int | None = Field(None, gt=0)
+    """Passes over a finite training set (fine-tuning): the horizon is then epochs x the
+    task's steps per epoch, instead of max_steps."""
     max_tokens: int | None = Field(None, gt=0)
     """Stop after this many training tokens instead, if that comes first (the schedule then
     ends there too)."""
@@ -64,11 +67,16 @@ class TrainSection(Section):
             return float(match.group(1)) * _SECONDS[match.group(2)]
         return value
 
-    def horizon(self, tokens_per_step: int) -> int:
+    def horizon(self, tokens_per_step: int, steps_per_epoch: int | None = None) -> int:
         """Optimizer steps the run (and its schedule) will take."""
+        steps = self.max_steps
+        if self.epochs is not None:
+            if steps_per_epoch is None:
+                raise ValueError("train.epochs: the task streams its data (no epoch length)")
+            steps = self.epochs * steps_per_epoch
         if self.max_tokens is None:
-            return self.max_steps
-        return min(self.max_steps, -(-self.max_tokens // tokens_per_step))
+            return steps
+        return min(steps, -(-self.max_tokens // tokens_per_step))
 
 
 class OptimSection(Section):
@@ -115,8 +123,9 @@ class DistSection(Section):
 
 
 class EvalSection(Section):
-    every: int | None = Field(100, gt=0)
-    """Evaluate every this many steps (and always at the end); null: only at the end."""
+    every: Annotated[int, Field(gt=0)] | Literal["epoch"] | None = 100
+    """Evaluate every this many steps, or every epoch (a task with an epoch length), and
+    always at the end; null: only at the end."""
     max_batches: int | None = Field(None, gt=0)
     """Evaluate on at most this many batches per rank (null: the whole validation set)."""
 

@@ -79,6 +79,11 @@ class Task(ABC):
         """Tokens of a micro-batch counted for throughput and ``train.max_tokens``."""
         return int(batch["input_ids"].numel())
 
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps in one pass over a finite training set (``train.epochs``,
+        ``eval.every: epoch``); None (the default): the data is a stream."""
+        return None
+
     def tokens_per_sequence(self) -> int:
         """Tokens of one training sequence (turns ``train.max_tokens`` into steps)."""
         return 1

@@ -71,3 +71,44 @@ def test_a_model_without_an_hf_config_trains_under_zero3(tmp_path):
     assert trainer.engine.zero_optimization_stage() == 3 and trainer.state.step == 2
     zero = trainer.runtime.ds_config["zero_optimization"]
     assert "auto" not in zero.values() and "reduce_bucket_size" not in zero
+
+
+class ThreeStepEpochs(Toy):
+    """A finite toy dataset: 3 optimizer steps per pass; evaluations note their step."""
+
+    def steps_per_epoch(self) -> int:
+        return 3
+
+    def evaluate(self, model):
+        self.evaluated = [*getattr(self, "evaluated", []), self.trainer_step()]
+        return {"eval/loss": 1.0}
+
+
+def test_epochs_set_the_horizon_and_evaluation_can_follow_them(tmp_path):
+    cfg = config(tmp_path, "epochs", 2, 1).model_copy(deep=True)
+    cfg.train.epochs, cfg.eval.every = 2, "epoch"
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    runtime = build_runtime(cfg)
+    try:
+        task = ThreeStepEpochs(cfg, runtime)
+        trainer = Trainer(cfg, runtime, task, default_callbacks(cfg))
+        task.trainer_step = lambda: trainer.state.step
+        trainer.setup()
+        assert trainer.horizon == 6  # 2 epochs of 3 steps; max_steps (2) does not count
+        trainer.fit()
+        assert trainer.state.step == 6 and task.evaluated == [3, 6]
+    finally:
+        runtime.close()
+
+
+def test_epochs_for_a_task_that_streams_are_a_clear_error(tmp_path):
+    cfg = config(tmp_path, "stream", 2, 1).model_copy(deep=True)
+    cfg.eval.every = "epoch"
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    runtime = build_runtime(cfg)
+    try:
+        trainer = Trainer(cfg, runtime, Toy(cfg, runtime), default_callbacks(cfg))
+        with pytest.raises(UserError, match=r"eval\.every: Toy streams its data"):
+            trainer.setup()
+    finally:
+        runtime.close()

@@ -180,6 +180,9 @@ def test_the_step_gradient_is_the_global_item_mean_for_any_split(tmp_path):
             for ours, theirs in zip(got[step], grads[step], strict=True):
                 assert ours == pytest.approx(theirs, abs=1e-6), (name, step)
         assert logged(cfg) == pytest.approx(losses, abs=1e-6), name  # sum / items
+        lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+        seen = json.loads(lines[-1])["train/tokens_seen"]
+        assert seen == STEPS * GLOBAL * POSITIONS, name  # summed over the ranks
 
 
 def test_a_mean_of_micro_batch_means_would_be_another_gradient():
