@@ -104,6 +104,7 @@ class Trainer:
             self.engine.enable_backward_allreduce = False
         if cfg.train.compile:
             self.engine.compile()
+        self.task.on_engine(self.engine)  # companions (runtime.prepare_frozen), before any batch
         self.loader = self.task.train_batches()
         self.batches: Iterator | None = None  # workers start at the first batch, after resume
         self.accum = cfg.grad_accum_steps

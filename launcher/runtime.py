@@ -56,6 +56,19 @@ class Runtime:
             ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
             dist.all_reduce(tensor, op=ops[op])
 
+    def prepare_frozen(self, model):
+        """A model that is used but not trained (reference, reward): ``launcher/engines.py``."""
+        from launcher.engines import prepare_frozen
+
+        return prepare_frozen(self, model)
+
+    def generating(self, model):
+        """``with runtime.generating(engine) as module: module.generate(...)``: whole model,
+        cache on, activation checkpointing off, restored after (``launcher/engines.py``)."""
+        from launcher.engines import generating
+
+        return generating(self, model)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

@@ -47,6 +47,12 @@ class Task(ABC):
             )
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def on_engine(self, engine: nn.Module) -> None:
+        """Called once the trained model is an engine, before any batch is drawn: build the
+        models the task uses but does not train here (``self.runtime.prepare_frozen``), keep
+        the engine for generation (``self.runtime.generating(engine)`` inside ``loss``)."""
+        return None
+
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer groups; a group may carry ``lr_scale`` (layer-wise learning rates), which
         the loop reads at every step: setting ``trainer.optimizer.param_groups[i]["lr_scale"]``
