@@ -157,6 +157,34 @@ class CheckpointSection(Section):
     launcher gives the workers this less a margin (up to 30 s) to save a checkpoint."""
 
 
+class InitSection(Section):
+    path: str | None = None
+    """An HF model directory the stage starts from (e.g. a pretraining run's runs/NAME/hf/):
+    checked before any process starts; its config.json gives the model width, its kiln.json
+    and weights' digests go into the new model's lineage."""
+
+    def problems(self) -> Iterable[tuple[str, str]]:
+        if self.path is None:
+            return
+        folder = Path(self.path)
+        if not folder.is_dir():
+            yield "path", f"{folder}: no such directory (an HF model directory is expected)"
+        elif not (folder / "config.json").is_file():
+            yield "path", f"{folder}: no config.json, so not an HF model directory"
+        elif not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            yield "path", f"{folder}: no weights (*.safetensors or *.bin) beside config.json"
+
+    def hidden_size(self) -> int | None:
+        if self.path is None:
+            return None
+        try:
+            config = json.loads((Path(self.path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        size = config.get("hidden_size", config.get("d_model"))
+        return size if isinstance(size, int) else None
+
+
 class RunConfig(Section):
     """The stage-independent part of every run config; stages subclass it."""
 
@@ -168,6 +196,7 @@ class RunConfig(Section):
     eval: EvalSection = EvalSection()
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointSection = CheckpointSection()
+    init: InitSection = InitSection()
 
     @property
     def run_dir(self) -> Path:
@@ -192,7 +221,7 @@ class RunConfig(Section):
             yield "dist.offload_params", "parameter offload needs dist.zero_stage: 3"
         if self.dist.offload_optimizer and self.dist.zero_stage == 0:
             yield "dist.offload_optimizer", "optimizer offload needs dist.zero_stage >= 1"
-        if self.schedule.warmup_steps >= self.train.max_steps:
+        if self.train.epochs is None and self.schedule.warmup_steps >= self.train.max_steps:
             yield (
                 "schedule.warmup_steps",
                 f"{self.schedule.warmup_steps} warmup steps leave nothing of train.max_steps "
@@ -203,7 +232,7 @@ class RunConfig(Section):
         """The model's hidden size, known before it is built: DeepSpeed's ZeRO buffers are
         sized from it (launcher.runtime.SIZED_BY_MODEL). A stage's config says it (from its
         model section, or its parent's config.json); None: DeepSpeed's defaults."""
-        return None
+        return self.init.hidden_size()
 
     def fingerprint(self) -> str:
         """A short hash of the resolved config, recorded beside checkpoints."""

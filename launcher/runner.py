@@ -40,8 +40,10 @@ def run_stage(
 ) -> dict[str, float]:
     """Train ``make_task(cfg, runtime)`` with the shared loop and export it to
     ``<run_dir>/hf/``; returns the last logged metrics. ``prepare`` runs on the main rank
-    before any task is built; ``parent`` is the HF directory the stage started from (its
-    ``kiln.json`` and weights' digests go into the lineage)."""
+    before any task is built; ``parent`` is the HF directory the stage started from (default:
+    ``init.path``; its ``kiln.json`` and weights' digests go into the lineage)."""
+    if parent is None and cfg.init.path is not None:
+        parent = Path(cfg.init.path)
     with STOP.catching():  # the launcher's worker installed it already; in-process: from here
         wandb = cfg.metrics.resolved_wandb_mode() != "disabled"
         runtime = build_runtime(cfg, log_with="wandb" if wandb else None)

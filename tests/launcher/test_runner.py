@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from launcher.checkpoint import sha256_file
 from launcher.config import CONFIG_ROOT
 from launcher.errors import UserError
-from launcher.run_config import BestSection
+from launcher.run_config import BestSection, RunConfig
 from launcher.runner import run_stage
 
 from .test_item_loss import Toy, config
@@ -134,3 +134,23 @@ def test_a_best_metric_the_evaluation_does_not_report_is_named(tmp_path):
     cfg.checkpoint.best = BestSection(metric="eval/accuracy", mode="max")
     with pytest.raises(UserError, match=r"checkpoint.best.metric: 'eval/accuracy' .*eval/loss"):
         run_stage(cfg, ScriptedEval)
+
+
+def test_init_path_is_checked_before_anything_starts_and_sizes_the_model(tmp_path):
+    from launcher.config import ConfigError, load_config
+
+    yaml = tmp_path / "stage.yaml"
+    yaml.write_text("run:\n  name: child\n")
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match=r"init\.path: .*nowhere: no such directory"):
+        load_config(RunConfig, yaml, [f"init.path={missing}"])
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        load_config(RunConfig, yaml, [f"init.path={parent}"])
+    (parent / "config.json").write_text(json.dumps({"hidden_size": 96}))
+    with pytest.raises(ConfigError, match="no weights"):
+        load_config(RunConfig, yaml, [f"init.path={parent}"])
+    save_file({"w": torch.zeros(2)}, str(parent / "model.safetensors"))
+    cfg = load_config(RunConfig, yaml, [f"init.path={parent}"])
+    assert cfg.model_width() == 96  # ZeRO-3's buffers are sized from the parent's width
