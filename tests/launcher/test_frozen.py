@@ -104,6 +104,7 @@ def train_or_reload(cfg: PretrainConfig) -> None:
         else:
             assert trainer.state.step == STEPS
             persist.save(trainer, "check")
+            trainer.metrics.close()  # fit() would have: no metrics left active for others
     finally:
         runtime.close()
         gc.unfreeze()
