@@ -295,6 +295,7 @@ def resume_worker(spec: dict) -> None:
     writes the timeline as soon as its first training step after the resume is done."""
     from accelerate import Accelerator
 
+    import launcher.runner
     import pretrain.train
     from launcher import cli, persist, snapshot
     from launcher.loop import Trainer
@@ -317,7 +318,7 @@ def resume_worker(spec: dict) -> None:
 
         setattr(owner, attr, timed)
 
-    mark(pretrain.train, "build_runtime", "runtime: Accelerator + process group")
+    mark(launcher.runner, "build_runtime", "runtime: Accelerator + process group")
     mark(pretrain.train, "prepare_inputs", "prepare: config, corpus and tokenizer (reused)")
     mark(PretrainTask, "__init__", "task: tokenizer, corpus listing, validation set")
     mark(PretrainTask, "build_model", "model build (seeded init)")
