@@ -94,9 +94,7 @@ class StopSignals:
         now = time.monotonic()
         if self.name is None:
             self.name, self.at = name, now
-            # said once per run: other ranks log it at INFO, which their console hides
-            level = logging.WARNING if os.environ.get("RANK", "0") == "0" else logging.INFO
-            log.log(level, "%s: saving a checkpoint of the last completed step, then exiting", name)
+            log.warning("%s: saving a checkpoint of the last completed step, then exiting", name)
             if self._depth:
                 raise Interrupted(name)
         elif now - self.at > REPEAT_WINDOW:

@@ -167,7 +167,6 @@ def signal_run(root, name, target: str, delay: str = "0"):
     assert not alive(everyone), "processes left behind"
     log = (root / f"{name}.log").read_text()
     assert "Traceback" not in log and "death signal" not in log and "closing signal" not in log
-    assert log.count("saving a checkpoint of the last completed step") == 1  # not once per rank
     return args
 
 
