@@ -162,17 +162,13 @@ def summary(
     saved = f" in {seconds:.1f} s" if isinstance(seconds, int | float) else ""
     pending = f", before {info['pending']}" if info.get("pending") else ""
     again = f" as restart {int(restart) + 1}" if restart.isdigit() else ""
+    stopped = f"[kiln] stopped at step {info.get('step', '?')} by {info.get('reason') or 'a stop'}"
     if job_state in ENDING_STATES:
         return False, (
-            f"[kiln] stopped at step {info.get('step', '?')} by "
-            f"{info.get('reason') or 'a stop'}, checkpoint saved{saved}; Slurm is ending job "
-            f"{job} ({job_state}: scancel, or the time limit passed): not requeued, submit it "
-            "again to resume"
+            f"{stopped}, checkpoint saved{saved}; Slurm is ending job {job} ({job_state}: "
+            "scancel, or the time limit passed): not requeued, submit it again to resume"
         )
-    return True, (
-        f"[kiln] stopped at step {info.get('step', '?')} by {info.get('reason') or 'a stop'}"
-        f"{pending}, checkpoint saved{saved}: requeueing job {job}{again}"
-    )
+    return True, f"{stopped}{pending}, checkpoint saved{saved}: requeueing job {job}{again}"
 
 
 def main(argv: list[str]) -> int:
