@@ -5,9 +5,6 @@ lengths on each rank (so the ranks' generations differ), it trains like under Ze
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from launcher.callbacks import default_callbacks
-from launcher.config import CONFIG_ROOT
 from launcher.loop import Trainer
 from launcher.run_config import RunConfig
 from launcher.runtime import build_runtime
 from launcher.task import Task
 from pretrain.model import ModelConfig, build_model
+
+from .runs import torchrun_two
 
 SMALL = ModelConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_size=64, max_seq_len=32
@@ -96,27 +94,11 @@ def losses(cfg: RunConfig) -> list[float]:
     return [x["train/loss"] for x in lines if "train/loss" in x]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_generation_and_a_frozen_reference_under_zero3_train_like_zero0(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(CONFIG_ROOT.parent), env.get("PYTHONPATH", "")])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
     started = time.monotonic()
-    done = subprocess.run(
-        [*torchrun, f"--master-port={free_port()}", "-m", __name__, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    torchrun_two("-m", __name__, str(tmp_path), timeout=300)
     elapsed = json.loads((tmp_path / "zero3-seconds.json").read_text())
     assert elapsed < 60, elapsed
     zero0, zero3 = losses(config(tmp_path, "zero0", 0)), losses(config(tmp_path, "zero3", 3))

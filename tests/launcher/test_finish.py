@@ -35,6 +35,17 @@ def train(cfg, *callbacks: Callback) -> Trainer:
         runtime.close()
 
 
+def setup_fails(cfg, match: str) -> None:
+    """The toy task's trainer refuses ``cfg`` at set-up with a UserError matching ``match``."""
+    runtime = build_runtime(cfg)
+    try:
+        trainer = Trainer(cfg, runtime, Toy(cfg, runtime), default_callbacks(cfg))
+        with pytest.raises(UserError, match=match):
+            trainer.setup()
+    finally:
+        runtime.close()
+
+
 def test_finish_at_step_3_of_10_ends_like_a_completed_run(tmp_path):
     cfg = config(tmp_path, "finish", 2, 1).model_copy(deep=True)
     cfg.train.max_steps = 10
@@ -52,13 +63,7 @@ def test_finish_at_step_3_of_10_ends_like_a_completed_run(tmp_path):
 def test_activation_checkpointing_on_a_model_without_it_is_a_clear_error(tmp_path):
     cfg = config(tmp_path, "ckpt", 2, 1).model_copy(deep=True)
     cfg.train.activation_checkpointing = True
-    runtime = build_runtime(cfg)
-    try:
-        trainer = Trainer(cfg, runtime, Toy(cfg, runtime), default_callbacks(cfg))
-        with pytest.raises(UserError, match=r"activation_checkpointing: Toy builds a Linear"):
-            trainer.setup()
-    finally:
-        runtime.close()
+    setup_fails(cfg, r"activation_checkpointing: Toy builds a Linear")
 
 
 def test_a_model_without_an_hf_config_trains_under_zero3(tmp_path):
@@ -105,10 +110,4 @@ def test_epochs_for_a_task_that_streams_are_a_clear_error(tmp_path):
     cfg = config(tmp_path, "stream", 2, 1).model_copy(deep=True)
     cfg.eval.every = "epoch"
     cfg = type(cfg).model_validate(cfg.model_dump())
-    runtime = build_runtime(cfg)
-    try:
-        trainer = Trainer(cfg, runtime, Toy(cfg, runtime), default_callbacks(cfg))
-        with pytest.raises(UserError, match=r"eval\.every: Toy streams its data"):
-            trainer.setup()
-    finally:
-        runtime.close()
+    setup_fails(cfg, r"eval\.every: Toy streams its data")

@@ -7,9 +7,6 @@ trained values and moments, frozen values."""
 from __future__ import annotations
 
 import gc
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +22,8 @@ from launcher.runtime import build_runtime
 from pretrain.config import PretrainConfig
 from pretrain.prepare import prepare_inputs
 from pretrain.task import PretrainTask
+
+from .runs import torchrun_two
 
 TINY = CONFIG_ROOT / "pretrain" / "tiny.yaml"
 STEPS = 2
@@ -110,12 +109,6 @@ def train_or_reload(cfg: PretrainConfig) -> None:
         gc.unfreeze()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tensors(path: Path, kind: str) -> dict[str, torch.Tensor]:
     out = {}
     for file in sorted(path.glob(f"{kind}-*.safetensors")):
@@ -131,17 +124,7 @@ def test_frozen_and_trained_state_survive_a_change_of_world_size_and_zero_stage(
         prepare_inputs(loaded)
     for trained, _ in runs(tmp_path, 1):  # 1 rank, in this process
         train_or_reload(trained)
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(CONFIG_ROOT.parent), env.get("PYTHONPATH", "")])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
-    done = subprocess.run(
-        [*torchrun, f"--master-port={free_port()}", __file__, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    torchrun_two("-m", __name__, str(tmp_path))
     for _, loaded in runs(tmp_path, 2):  # the 2-rank checkpoints, back on 1 rank
         train_or_reload(loaded)
     for trained, loaded in runs(tmp_path, 1) + runs(tmp_path, 2):

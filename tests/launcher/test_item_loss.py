@@ -6,9 +6,6 @@ between 1 and 9 are targets, so that micro-batches carry different numbers of it
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,11 +14,12 @@ import torch
 from torch import nn
 
 from launcher.callbacks import default_callbacks
-from launcher.config import CONFIG_ROOT
 from launcher.loop import Trainer
 from launcher.run_config import RunConfig
 from launcher.runtime import build_runtime
 from launcher.task import Task
+
+from .runs import torchrun_two
 
 GLOBAL = 8  # rows per optimizer step
 POSITIONS = 9
@@ -148,12 +146,6 @@ def logged(cfg: RunConfig) -> list[float]:
 SPLITS = {"micro2-accum4": (2, 1), "micro8-accum1": (8, 1), "2ranks-micro2-accum2": (2, 2)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_the_step_gradient_is_the_global_item_mean_for_any_split(tmp_path):
@@ -161,17 +153,7 @@ def test_the_step_gradient_is_the_global_item_mean_for_any_split(tmp_path):
     for cfg in cfgs.values():
         if cfg.dist.num_processes == 1:
             run(cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(CONFIG_ROOT.parent), env.get("PYTHONPATH", "")])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
-    done = subprocess.run(
-        [*torchrun, f"--master-port={free_port()}", __file__, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    torchrun_two("-m", __name__, str(tmp_path), timeout=300)
     grads, losses = reference()
     for name, cfg in cfgs.items():
         got = json.loads((cfg.run_dir / "grads.json").read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +27,8 @@ from launcher.metrics import (
     record,
     redact,
 )
+
+from .runs import free_port
 
 
 def single(sinks=()) -> Metrics:
@@ -277,16 +278,10 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_ranks_reduce_once_per_flush_and_a_name_mismatch_fails_on_both(tmp_path):
     ctx = mp.start_processes(
-        _two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False
+        _two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False
     )
     deadline = time.monotonic() + 90  # a hang fails the test instead of blocking the suite
     while not ctx.join(timeout=1):

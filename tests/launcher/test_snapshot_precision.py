@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +26,8 @@ from launcher.runtime import build_runtime, deepspeed_config
 from pretrain.config import PretrainConfig
 from pretrain.prepare import prepare_inputs
 from pretrain.task import PretrainTask
+
+from .runs import torchrun_two
 
 TINY = CONFIG_ROOT / "pretrain" / "tiny.yaml"
 STEPS = 4
@@ -220,12 +219,6 @@ def two_rank_runs(root: Path) -> list[tuple[int, PretrainConfig, PretrainConfig]
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_bf16_resume_gives_the_losses_of_an_uninterrupted_run_for_every_stage(
@@ -236,17 +229,7 @@ def test_two_ranks_bf16_resume_gives_the_losses_of_an_uninterrupted_run_for_ever
         prepare_inputs(full)
         prepare_inputs(resumed)
     # One pair of processes runs all eight trainings in turn (a launch costs seconds).
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(CONFIG_ROOT.parent), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
-    done = subprocess.run(
-        [*command, f"--master-port={_free_port()}", __file__, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    torchrun_two("-m", __name__, str(tmp_path))
     for stage, full, resumed in runs:
         lines = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert {x["dist/world_size"] for x in lines} == {2.0}, stage
