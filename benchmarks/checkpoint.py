@@ -298,8 +298,8 @@ def resume_worker(spec: dict) -> None:
     import launcher.runner
     import pretrain.train
     from launcher import cli, persist, snapshot
+    from launcher.data.loader import StreamLoader
     from launcher.loop import Trainer
-    from pretrain.data.loader import StreamLoader
     from pretrain.task import PretrainTask
 
     imported = time.time()
@@ -520,10 +520,10 @@ def data_resume_costs(run_dir: Path, sources: dict[int, Path], rounds: int) -> d
     reader reopens its file at the saved gzip member and skips at most one member's bytes, so
     this must not grow with the position."""
     from launcher.config import load_config
+    from launcher.data.loader import StreamLoader
+    from launcher.data.sources import resolve_corpus
+    from launcher.data.tokenizer import TextTokenizer
     from pretrain.config import PretrainConfig
-    from pretrain.data.loader import StreamLoader
-    from pretrain.data.sources import resolve_corpus
-    from pretrain.tokenizer import TextTokenizer
 
     cfg = load_config(PretrainConfig, str(run_dir / "config.yaml"), ["data.num_workers=0"])
     tok, corpus = TextTokenizer.load(run_dir / "tokenizer"), resolve_corpus(cfg.data)

@@ -38,14 +38,14 @@ import torch.nn.functional as F
 import yaml
 
 from launcher.config_files import CONFIG_ROOT
+from launcher.data.loader import StreamLoader
+from launcher.data.plan import Layout
+from launcher.data.sources import resolve_corpus, sample_texts
+from launcher.data.stream import ReaderStream, fresh_state
+from launcher.data.tokenizer import TokenizerConfig, train_tokenizer
 from pretrain.data.builtin import BuiltinCorpusConfig, write_builtin_corpus
-from pretrain.data.config import DataConfig
-from pretrain.data.loader import StreamLoader
-from pretrain.data.plan import Layout
-from pretrain.data.sources import resolve_corpus, sample_texts
-from pretrain.data.stream import ReaderStream, fresh_state
+from pretrain.data.config import PretrainDataConfig
 from pretrain.model import ModelConfig, build_model, flops_per_token
-from pretrain.tokenizer import TokenizerConfig, train_tokenizer
 
 SEQ, MICRO, WINDOW, VOCAB = 256, 8, 512, 4096
 WORKERS = (0, 1, 2)
@@ -88,7 +88,7 @@ def encode_rates(tok, texts) -> tuple[float, float]:
     return n1 / (t1 - t0), n2 / (t2 - t1)
 
 
-def make_loader(data: DataConfig, tok, corpus, workers: int) -> StreamLoader:
+def make_loader(data: PretrainDataConfig, tok, corpus, workers: int) -> StreamLoader:
     cfg = data.model_copy(update={"num_workers": workers})
     return StreamLoader(cfg, tok, corpus, batch_size=MICRO, seed=0)
 
@@ -179,7 +179,7 @@ def main() -> None:
     t_setup = time.perf_counter()
     builtin = BuiltinCorpusConfig(docs=args.docs, dir=str(out / "corpus"))
     info = write_builtin_corpus(builtin)
-    data = DataConfig(builtin=builtin, seq_len=SEQ, shuffle_window=WINDOW)
+    data = PretrainDataConfig(builtin=builtin, seq_len=SEQ, shuffle_window=WINDOW)
     corpus = resolve_corpus(data)
     tcfg = TokenizerConfig(vocab_size=VOCAB)
     texts = sample_texts(

@@ -68,10 +68,10 @@ def parse_size(text: str) -> int:
 
 def child(args) -> dict:
     """One measurement in this (fresh) process; prints a JSON line."""
-    from pretrain.data.config import DataConfig
-    from pretrain.data.loader import StreamLoader
-    from pretrain.data.sources import resolve_corpus
-    from pretrain.tokenizer import TextTokenizer
+    from launcher.data.loader import StreamLoader
+    from launcher.data.sources import resolve_corpus
+    from launcher.data.tokenizer import TextTokenizer
+    from pretrain.data.config import PretrainDataConfig
 
     tok = TextTokenizer.load(args.tokenizer)
     tok.encode("warm up")
@@ -85,7 +85,7 @@ def child(args) -> dict:
         meter = Meter()
         n = sum(len(tok.encode(t)) for t in texts)
         return {**meter.read(), "tokens": n, "bytes": sum(len(t.encode()) for t in texts)}
-    data = DataConfig.model_validate(
+    data = PretrainDataConfig.model_validate(
         {
             "sources": [{"paths": [args.doc]}],
             "seq_len": SEQ,
@@ -137,14 +137,14 @@ def prepare(
     out: Path, sizes: list[int], tokenizer: str | None
 ) -> tuple[Path, dict[int, Path], Path]:
     """The built-in corpus, a tokenizer, one single-line document per size."""
+    from launcher.data.sources import sample_texts
+    from launcher.data.tokenizer import TokenizerConfig, train_tokenizer
     from pretrain.data.builtin import BuiltinCorpusConfig, write_builtin_corpus
-    from pretrain.data.config import DataConfig
-    from pretrain.data.sources import sample_texts
-    from pretrain.tokenizer import TokenizerConfig, train_tokenizer
+    from pretrain.data.config import PretrainDataConfig
 
     builtin = BuiltinCorpusConfig(docs=20000, dir=str(out / "corpus"))
     write_builtin_corpus(builtin)
-    sources = DataConfig(builtin=builtin).all_sources()
+    sources = PretrainDataConfig(builtin=builtin).all_sources()
     texts = list(sample_texts(sources, 10**9, 10**10, 0))
     if tokenizer is None:
         tcfg = TokenizerConfig(vocab_size=VOCAB)

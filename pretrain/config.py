@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from launcher.data.tokenizer import TokenizerConfig
 from launcher.run_config import RunConfig
-from pretrain.data.config import DataConfig
+from pretrain.data.config import PretrainDataConfig
 from pretrain.model import ModelConfig
-from pretrain.tokenizer import TokenizerConfig
 
 
 class PretrainConfig(RunConfig):
     model: ModelConfig
     """The decoder; a preset name (`model: small`) or its fields."""
     tokenizer: TokenizerConfig = TokenizerConfig()
-    data: DataConfig = DataConfig()
+    data: PretrainDataConfig = PretrainDataConfig()
 
     def model_width(self) -> int | None:
         return self.model.d_model

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from launcher.checkpoint import read_manifest, verify
 from launcher.config import load_config
+from launcher.data.tokenizer import TextTokenizer
 from pretrain.config import PretrainConfig
 from pretrain.model import build_model
-from pretrain.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config import save_config
-from launcher.stages import Stage
-from pretrain.config import PretrainConfig
-from pretrain.data.builtin import CorpusInfo, write_builtin_corpus
-from pretrain.data.sources import check_corpus, resolve_corpus, sample_texts
-from pretrain.data.validation import build_validation
-from pretrain.model import build_model, describe, param_count
-from pretrain.tokenizer import (
+from launcher.data.sources import check_corpus, resolve_corpus, sample_texts
+from launcher.data.tokenizer import (
     TextTokenizer,
     TokenizerError,
     roundtrip_failures,
     train_tokenizer,
 )
+from launcher.data.validation import build_validation
+from launcher.stages import Stage
+from pretrain.config import PretrainConfig
+from pretrain.data.builtin import CorpusInfo, write_builtin_corpus
+from pretrain.model import build_model, describe, param_count
 
 
 @dataclass

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launcher.data.loader import StreamLoader
+from launcher.data.sources import resolve_corpus
+from launcher.data.tokenizer import TextTokenizer
+from launcher.data.validation import IGNORE, build_validation
 from launcher.metrics import record
 from launcher.runtime import Runtime
 from launcher.task import Task
 from pretrain.config import PretrainConfig
-from pretrain.data.loader import StreamLoader
-from pretrain.data.sources import resolve_corpus
-from pretrain.data.validation import IGNORE, build_validation
 from pretrain.model import build_model, flops_per_token
-from pretrain.tokenizer import TextTokenizer
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

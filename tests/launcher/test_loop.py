@@ -13,13 +13,13 @@ from transformers import LlamaForCausalLM
 
 from launcher.callbacks import default_callbacks
 from launcher.config import CONFIG_ROOT, load_config
+from launcher.data.documents import read_documents
+from launcher.data.sources import is_held_out, resolve_corpus
+from launcher.data.validation import IGNORE
 from launcher.loop import Callback, Trainer, TrainingError, TrainState
 from launcher.optim import lr_factor
 from launcher.runtime import build_runtime
 from pretrain.config import PretrainConfig
-from pretrain.data.documents import read_documents
-from pretrain.data.sources import is_held_out, resolve_corpus
-from pretrain.data.validation import IGNORE
 from pretrain.prepare import prepare_inputs
 from pretrain.task import PretrainTask
 

@@ -18,9 +18,9 @@ import torch
 
 from launcher import persist
 from launcher.config import CONFIG_ROOT, load_config
+from launcher.data.loader import StreamLoader
 from launcher.rundir import PREEMPTED
 from pretrain.config import PretrainConfig
-from pretrain.data.loader import StreamLoader
 from pretrain.task import PretrainTask
 from pretrain.train import pretrain
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from launcher.data.documents import scan
 from pretrain.data import builtin
 from pretrain.data.builtin import (
     GENRES,
@@ -21,7 +22,6 @@ from pretrain.data.builtin import (
     number_words,
     write_builtin_corpus,
 )
-from pretrain.data.documents import scan
 
 DOCS = 300
 

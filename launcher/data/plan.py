@@ -88,7 +88,7 @@ class SourcePlan:
         return self._cache[key][layout.index :: layout.count]
 
     def advance(self, cursor: dict, layout: Layout) -> Segment:
-        """Move ``cursor`` to its next segment (carry first, then the regular plan) and return it."""
+        """Move ``cursor`` to its next segment (carry first, then the regular plan); return it."""
         if cursor["carry_next"] < len(cursor["carry"]):
             cursor["current"] = dict(cursor["carry"][cursor["carry_next"]])
             cursor["carry_next"] += 1

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pretrain.data.config import DataConfig
-from pretrain.data.documents import CorpusError, scan
-from pretrain.data.loader import StreamLoader
-from pretrain.data.sources import check_corpus, resolve_corpus
+from launcher.data.config import DataConfig
+from launcher.data.documents import CorpusError, scan
+from launcher.data.loader import StreamLoader
+from launcher.data.sources import check_corpus, resolve_corpus
 
 from .data_fixtures import make_text
 

@@ -8,11 +8,11 @@ import random
 import pytest
 from tokenizers import Tokenizer, models
 
-from pretrain.data import stream
-from pretrain.data.chunks import CHUNK_CHARS, chunk_end, encode_chunked, splices_cleanly
-from pretrain.data.config import DataConfig
-from pretrain.data.loader import _decode
-from pretrain.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
+from launcher.data import stream
+from launcher.data.chunks import CHUNK_CHARS, chunk_end, encode_chunked, splices_cleanly
+from launcher.data.config import DataConfig
+from launcher.data.loader import _decode
+from launcher.data.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
 
 from .data_fixtures import (
     data_config,

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.data.config import DataConfig, SourceConfig
-from pretrain.data.documents import RECORD_ERRORS, CorpusError
-from pretrain.data.loader import StreamLoader
-from pretrain.data.sources import resolve_corpus, sample_texts
-from pretrain.data.stream import document_key
-from pretrain.tokenizer import TokenizerConfig, train_tokenizer
+from launcher.data.config import DataConfig, SourceConfig
+from launcher.data.documents import RECORD_ERRORS, CorpusError
+from launcher.data.loader import StreamLoader
+from launcher.data.sources import resolve_corpus, sample_texts
+from launcher.data.stream import document_key
+from launcher.data.tokenizer import TokenizerConfig, train_tokenizer
 
 from .data_fixtures import make_text, tokens_per_document
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.config import DataConfig
-from pretrain.data.loader import StreamLoader
-from pretrain.data.sources import resolve_corpus
-from pretrain.data.stream import EPOCH_SHIFT, document_key
-from pretrain.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
+from launcher.data.config import DataConfig
+from launcher.data.loader import StreamLoader
+from launcher.data.sources import resolve_corpus
+from launcher.data.stream import EPOCH_SHIFT, document_key
+from launcher.data.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
 
 WORDS = [
     "river",

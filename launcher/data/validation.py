@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pretrain.data.config import DataConfig
-from pretrain.data.documents import CorpusError, scan
-from pretrain.data.packing import Packer, Piece
-from pretrain.data.sources import ResolvedCorpus, ResolvedSource, is_held_out, resolve_sources
-from pretrain.tokenizer import TextTokenizer
+from launcher.data.config import DataConfig
+from launcher.data.documents import CorpusError, scan
+from launcher.data.packing import Packer, Piece
+from launcher.data.sources import ResolvedCorpus, ResolvedSource, is_held_out, resolve_sources
+from launcher.data.tokenizer import TextTokenizer
 
 IGNORE = -100
 """Target of padding positions (torch's cross_entropy ignore_index)."""

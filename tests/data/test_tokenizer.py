@@ -11,7 +11,7 @@ import sentencepiece as spm
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer
 
-from pretrain.tokenizer import (
+from launcher.data.tokenizer import (
     TextTokenizer,
     TokenizerConfig,
     TokenizerError,

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from pretrain.data.plan import Layout, SourcePlan, new_cursor, redistribute, stripes_for
+from launcher.data.plan import Layout, SourcePlan, new_cursor, redistribute, stripes_for
 
 
 def unit(seg: dict) -> tuple:

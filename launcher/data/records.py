@@ -1,20 +1,22 @@
-"""Read documents from one corpus file: JSON lines (plain, gzip, zstd) or parquet.
+"""Read records from one corpus file: JSON lines (plain, gzip, zstd) or parquet.
 
-``scan`` is the one reader (``read_documents`` and ``iter_records`` are built on it): it opens
-local paths and fsspec URLs, decodes UTF-8 strictly and yields each record with the position
-after it, a dict of ints that, passed back as ``start``, resumes in O(1): plain JSON lines seek
-to the line, gzip/zstd restart at the member (frame) holding it, parquet at its row group.
-With ``stripes``, record ``i`` (0-based line or row) goes to stripe ``i % stripes``; the lines
-of other stripes are split off but never decoded. Problems with one record (``RECORD_ERRORS``)
-are yielded as ``CorpusError`` values, so a caller can count and skip them; problems with the
-whole file (missing, truncated, unreadable, no text column) raise after everything good before
-them. Messages name the file and, where known, the line (row): see ``.file``/``.line``/``.kind``.
+``scan_records`` is the one reader of the project: it opens local paths and fsspec URLs,
+decodes UTF-8 strictly and yields each record with the position after it, a dict of ints that,
+passed back as ``start``, resumes in O(1): plain JSON lines seek to the line, gzip/zstd restart
+at the member (frame) holding it, parquet at its row group. With ``stripes``, record ``i``
+(0-based line or row) goes to stripe ``i % stripes``; the lines of other stripes are split off
+but never decoded. Problems with one record (``RECORD_ERRORS``, or a stage's own kinds) are
+yielded as ``CorpusError`` values, so a caller can count and skip them; problems with the whole
+file (missing, truncated, unreadable, a missing column) raise after everything good before them.
+Messages name the file and, where known, the line (row): see ``.file``/``.line``/``.kind``.
 
-Whatever one record holds, it becomes a ``Document`` or a record-level ``CorpusError``: every
-record goes through ``guarded`` (no exception but ``MemoryError`` leaves it), and a document's
-text and id are valid Unicode (encodable as UTF-8: no lone surrogates, which JSON's ``\\ud800``
-escapes can produce), so no later step (tokenizer, hashing, logging) meets a string it cannot
-encode.
+What a record becomes is the ``View``'s business: ``RecordView`` keeps the whole JSON object or
+parquet row (a ``Record``: chats, preference pairs, labelled texts), ``documents.TextView`` one
+text field (pretraining's ``Document``). Whatever one record holds, it becomes the view's value
+or a record-level ``CorpusError``: every conversion goes through ``guarded`` (no exception but
+``MemoryError`` leaves it), and every string in it is valid Unicode (encodable as UTF-8: no lone
+surrogates, which JSON's ``\\ud800`` escapes can produce), so no later step (tokenizer,
+hashing, logging) meets a string it cannot encode.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import fsspec
 
@@ -33,11 +35,13 @@ __all__ = [
     "FORMATS",
     "RECORD_ERRORS",
     "CorpusError",
-    "Document",
+    "Record",
+    "RecordView",
+    "View",
     "detect_format",
-    "iter_records",
-    "read_documents",
-    "scan",
+    "guarded",
+    "read_records",
+    "scan_records",
 ]
 
 FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
@@ -54,7 +58,8 @@ RECORD_ERRORS = frozenset(
         "encode_error",  # the tokenizer failed on the document (the stream's kind)
     }
 )
-"""Kinds of ``CorpusError`` that concern one record; the rest of the file is still readable."""
+"""Kinds of ``CorpusError`` that concern one record; the rest of the file is still readable.
+A stage's encoder adds its own (``unknown_role``, ``no_label``, ...)."""
 
 POSITION_KEYS = {
     "jsonl": ("line", "offset"),
@@ -111,14 +116,11 @@ def is_unicode(text: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Document:
-    text: str
-    id: str
-    """The record's id field, or ``<file>:<line>`` when it has none."""
-    file: str
-    line: int
-    """1-based line number (JSON lines) or row number (parquet)."""
+def not_unicode(what: str, text: str) -> str:
+    """Why ``text`` (the value of ``what``) is not valid Unicode: where its lone surrogate is."""
+    at = next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
+    surrogate = f"U+{ord(text[at]):04X}"
+    return f"{what!r} is not valid Unicode: a lone surrogate {surrogate} at character {at}"
 
 
 def detect_format(path: str) -> str:
@@ -141,45 +143,94 @@ def detect_format(path: str) -> str:
     )
 
 
-def read_documents(
-    path: str, text_field: str = "text", format: str = "auto", id_field: str = "id"
-) -> Iterator[Document]:
-    """The documents of one file, in order; raises ``CorpusError`` on the first problem.
+class View(Protocol):
+    """What a scan makes of each record."""
 
-    ``path`` is a local path or an fsspec URL; ``format`` is ``auto`` (from the suffix) or one
-    of ``FORMATS``. Empty lines and documents whose text is empty or blank are skipped.
-    """
-    for record in iter_records(path, text_field=text_field, format=format, id_field=id_field):
-        if isinstance(record, Document):
-            yield record
-        elif record.kind != "empty_text":
-            raise record
+    def columns(self, schema: Any, path: str) -> list[str] | None:
+        """The parquet columns to read (None: all) of a file with this Arrow ``schema``;
+        raises ``CorpusError`` (``missing_column``) when the file cannot serve the view."""
+        ...
+
+    def convert(self, record: dict, path: str, line: int, max_bytes: int | None) -> Any:
+        """The value of one record (a JSON object or a parquet row as a dict), a record-level
+        ``CorpusError``, or None to pass over it silently."""
+        ...
 
 
-def iter_records(
-    path: str, text_field: str = "text", format: str = "auto", id_field: str = "id"
-) -> Iterator[Document | CorpusError]:
-    """Like ``read_documents``, but yields record-level problems instead of raising them.
+@dataclass(frozen=True)
+class Record:
+    """One whole record: a JSON object, or a parquet row (its columns as keys)."""
 
-    Whole-file problems (missing, truncated or unreadable file, no text column) still raise.
-    """
-    for item, _ in scan(path, format=format, text_field=text_field, id_field=id_field):
+    data: dict[str, Any]
+    id: str
+    """The record's id field, or ``<file>:<line>`` when it has none."""
+    file: str
+    line: int
+    """1-based line number (JSON lines) or row number (parquet)."""
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class RecordView:
+    """Records kept whole (``Record``); only their strings are checked (valid Unicode)."""
+
+    id_field: str = "id"
+
+    def columns(self, schema: Any, path: str) -> list[str] | None:
+        return None
+
+    def convert(self, record: dict, path: str, line: int, max_bytes: int | None) -> Any:
+        if (problem := _first_lone_surrogate(record, "")) is not None:
+            return bad(path, line, "invalid_unicode", problem)
+        doc_id = record.get(self.id_field)
+        doc_id = f"{path}:{line}" if doc_id is None else str(doc_id)
+        return Record(data=record, id=doc_id, file=path, line=line)
+
+
+def _first_lone_surrogate(value: Any, where: str) -> str | None:
+    """Where the first string of ``value`` (keys included) that is not valid Unicode is."""
+    if isinstance(value, str):
+        return None if is_unicode(value) else not_unicode(where or "record", value)
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        name = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and not is_unicode(key):
+            return not_unicode(f"{where or 'record'} key", key)
+        if (problem := _first_lone_surrogate(item, name)) is not None:
+            return problem
+    return None
+
+
+def read_records(
+    path: str, format: str = "auto", view: View | None = None
+) -> Iterator[Record | CorpusError]:
+    """Every record of one file (``RecordView`` by default) and every record-level problem,
+    in order; whole-file problems raise."""
+    for item, _ in scan_records(path, view or RecordView(), format=format):
         yield item
 
 
-def scan(
+def scan_records(
     path: str,
+    view: View,
     *,
     format: str = "auto",
-    text_field: str = "text",
-    id_field: str = "id",
     start: dict | None = None,
     stripe: int = 0,
     stripes: int = 1,
     max_bytes: int | None = None,
     stats: dict[str, int] | None = None,
-) -> Iterator[tuple[Document | CorpusError, dict]]:
-    """``(document or record-level error, position right after it)`` for each record of a stripe.
+) -> Iterator[tuple[Any, dict]]:
+    """``(the view's value or a record-level error, position right after it)`` for each
+    record of a stripe.
 
     ``start`` is a position yielded by an earlier scan of the same file with the same format and
     striping (``None``: the beginning); the scan goes on with the next record of the stripe. A
@@ -215,11 +266,9 @@ def scan(
     try:
         counted = _Counted(f, stats)
         if fmt == "parquet":
-            from pretrain.data.parquet import scan_parquet
+            from launcher.data.parquet import scan_parquet
 
-            yield from scan_parquet(
-                counted, path, text_field, id_field, at[0], stripe, stripes, max_bytes, stats
-            )
+            yield from scan_parquet(counted, path, view, at[0], stripe, stripes, max_bytes, stats)
         else:
             plain = fmt == "jsonl"
             line, member, skip = (at[0], 0, at[1]) if plain else at
@@ -231,10 +280,10 @@ def scan(
                 }
                 if raw is None:
                     message = f"the record is {size} bytes, over the limit of {max_bytes}"
-                    yield _bad(path, index + 1, "too_long", message), after
-                elif item := guarded(
-                    path, index + 1, _json_record, raw, index, path, text_field, id_field, stats
-                ):
+                    yield bad(path, index + 1, "too_long", message), after
+                elif (
+                    item := guarded(path, index + 1, _json_record, raw, index, path, view, stats)
+                ) is not None:
                     yield item, after
     finally:
         f.close()
@@ -255,14 +304,12 @@ class _Counted:
         return getattr(self._f, name)
 
 
-def _bad(path: str, line: int, kind: str, message: str) -> CorpusError:
+def bad(path: str, line: int, kind: str, message: str) -> CorpusError:
     return CorpusError(message, file=path, line=line, kind=kind)
 
 
-def guarded(
-    path: str, line: int, convert: Callable[..., Document | CorpusError | None], *args: Any
-) -> Document | CorpusError | None:
-    """``convert(*args)``, the one way a record becomes a document: any exception it raises
+def guarded(path: str, line: int, convert: Callable[..., Any], *args: Any) -> Any:
+    """``convert(*args)``, the one way a record becomes a view's value: any exception it raises
     (but ``MemoryError``) is the record's ``invalid_record`` error, never the file's or the run's.
     """
     try:
@@ -271,40 +318,7 @@ def guarded(
         raise
     except Exception as exc:
         message = f"cannot read the record: {type(exc).__name__}: {exc}"
-        return _bad(path, line, "invalid_record", message)
-
-
-def text_record(
-    text: Any, doc_id: Any, path: str, line: int, text_field: str, max_bytes: int | None
-) -> Document | CorpusError:
-    """The document of a record whose text field holds ``text``, or why there is none.
-
-    The text must be a non-blank string of valid Unicode (so must the record's id, as a
-    string) and, with ``max_bytes``, at most that many bytes of UTF-8.
-    """
-    if not isinstance(text, str):
-        kind = "null" if text is None else type(text).__name__
-        return _bad(path, line, "missing_text", f"{text_field!r} is {kind}, not a string")
-    if not text.strip():
-        return _bad(path, line, "empty_text", f"{text_field!r} is empty or blank")
-    if not is_unicode(text):
-        return _bad(path, line, "invalid_unicode", _not_unicode(text_field, text))
-    if max_bytes is not None and len(text) * 4 > max_bytes and len(text.encode()) > max_bytes:
-        size = len(text.encode())
-        return _bad(
-            path, line, "too_long", f"the text is {size} bytes, over the limit of {max_bytes}"
-        )
-    if doc_id is None:
-        doc_id = f"{path}:{line}"
-    elif not is_unicode(doc_id := str(doc_id)):
-        return _bad(path, line, "invalid_unicode", _not_unicode("id", doc_id))
-    return Document(text=text, id=doc_id, file=path, line=line)
-
-
-def _not_unicode(what: str, text: str) -> str:
-    at = next(i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff")
-    surrogate = f"U+{ord(text[at]):04X}"
-    return f"{what!r} is not valid Unicode: a lone surrogate {surrogate} at character {at}"
+        return bad(path, line, "invalid_record", message)
 
 
 # ---------------------------------------------------------------------------------- JSON lines
@@ -503,10 +517,9 @@ def _lines(
         yield index, b"".join(parts) if size <= limit else None, size, end
 
 
-def _json_record(
-    raw: bytes, index: int, path: str, text_field: str, id_field: str, stats: dict[str, int]
-) -> Document | CorpusError | None:
-    """The document on one line, why there is none, or ``None`` for an empty line."""
+def _json_record(raw: bytes, index: int, path: str, view: View, stats: dict[str, int]) -> Any:
+    """The view's value of the record on one line, why there is none, or ``None`` for an
+    empty line."""
     line = index + 1
     if index == 0 and raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # UTF-8 byte order mark
@@ -515,20 +528,17 @@ def _json_record(
     try:
         decoded = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return _bad(path, line, "invalid_utf8", f"invalid UTF-8 at byte {exc.start} of the line")
+        return bad(path, line, "invalid_utf8", f"invalid UTF-8 at byte {exc.start} of the line")
     stats["parsed_records"] += 1
     try:
         record = json.loads(decoded)
     except json.JSONDecodeError as exc:
-        return _bad(path, line, "invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
+        return bad(path, line, "invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})")
     except RecursionError:
-        return _bad(path, line, "invalid_json", "invalid JSON: nested too deeply to parse")
+        return bad(path, line, "invalid_json", "invalid JSON: nested too deeply to parse")
     except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
-        return _bad(path, line, "invalid_json", f"invalid JSON: {exc}")
+        return bad(path, line, "invalid_json", f"invalid JSON: {exc}")
     if not isinstance(record, dict):
         message = f"expected a JSON object, got {type(record).__name__}"
-        return _bad(path, line, "invalid_json", message)
-    if text_field not in record:
-        keys = ", ".join(list(record)[:8])
-        return _bad(path, line, "missing_text", f"no {text_field!r} field (keys: {keys})")
-    return text_record(record[text_field], record.get(id_field), path, line, text_field, None)
+        return bad(path, line, "invalid_json", message)
+    return view.convert(record, path, line, None)  # the line's length was checked already

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launcher.data.documents import read_documents
+from launcher.data.sources import is_held_out, resolve_corpus
+from launcher.data.stream import document_key
+from launcher.data.validation import IGNORE, build_validation
 from launcher.runtime import Runtime
 from launcher.task import Task
-from pretrain.data.documents import read_documents
-from pretrain.data.sources import is_held_out, resolve_corpus
-from pretrain.data.stream import document_key
-from pretrain.data.validation import IGNORE, build_validation
 from pretrain.model import ModelConfig, build_model
 from pretrain.task import PretrainTask
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.data.chunks import (
+from launcher.data.chunks import (
     CHUNK_CHARS,
     LONG_CHARS,
     chunk_end,
@@ -41,12 +41,12 @@ from pretrain.data.chunks import (
     encode_chunked,
     splices_cleanly,
 )
-from pretrain.data.config import DataConfig
-from pretrain.data.documents import CorpusError, Document, scan
-from pretrain.data.packing import BEGINS, CONTINUES, Packer, Piece
-from pretrain.data.plan import Layout, SourcePlan, new_cursor
-from pretrain.data.sources import ResolvedCorpus, is_held_out
-from pretrain.tokenizer import TextTokenizer
+from launcher.data.config import DataConfig
+from launcher.data.documents import CorpusError, Document, scan
+from launcher.data.packing import BEGINS, CONTINUES, Packer, Piece
+from launcher.data.plan import Layout, SourcePlan, new_cursor
+from launcher.data.sources import ResolvedCorpus, is_held_out
+from launcher.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 _MAX_EMPTY_SEGMENTS = 10_000

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pretrain.data.documents import (
+from launcher.data.documents import (
     RECORD_ERRORS,
     CorpusError,
     Document,

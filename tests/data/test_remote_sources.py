@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from pretrain.data.sources import resolve_corpus
+from launcher.data.sources import resolve_corpus
 
 from .data_fixtures import data_config, loaders, take
 

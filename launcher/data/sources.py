@@ -14,8 +14,8 @@ from pathlib import Path
 
 import fsspec
 
-from pretrain.data.config import DataConfig, SourceConfig
-from pretrain.data.documents import CorpusError, Document, is_unicode, scan
+from launcher.data.config import DataConfig, SourceConfig
+from launcher.data.documents import CorpusError, Document, is_unicode, scan
 
 log = logging.getLogger(__name__)
 

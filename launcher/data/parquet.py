@@ -1,20 +1,19 @@
-"""The parquet part of ``pretrain.data.documents.scan``: one text column, resumable by row.
+"""The parquet part of ``launcher.data.records.scan_records``: rows, resumable by row.
 
 A position is ``{"row": index of the next row}``; a resume opens only the row groups from the
-one holding that row (the footer's row counts say which) and converts only the stripe's rows.
+one holding that row (the footer's row counts say which) and converts only the stripe's rows,
+and only the columns the view asks for (``View.columns``), each row as a dict.
 
-The text column may be any Arrow string type, or a dictionary of strings (pandas categoricals);
-a null is a ``missing_text`` row. Parquet writers need not validate UTF-8 and neither does
-Arrow's reader, so a batch that will not decode is converted row by row, the bad rows becoming
-``invalid_utf8`` errors.
+Parquet writers need not validate UTF-8 and neither does Arrow's reader, so a batch that will
+not decode is converted row by row, the bad rows becoming ``invalid_utf8`` errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
-from pretrain.data.documents import CorpusError, Document, guarded, text_record
+from launcher.data.records import CorpusError, View, guarded
 
 _BATCH = 1024
 
@@ -22,14 +21,13 @@ _BATCH = 1024
 def scan_parquet(
     f: IO[bytes],
     path: str,
-    text_field: str,
-    id_field: str,
+    view: View,
     row0: int,
     stripe: int,
     stripes: int,
     max_bytes: int | None,
     stats: dict[str, int],
-) -> Iterator[tuple[Document | CorpusError, dict]]:
+) -> Iterator[tuple[Any, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -40,20 +38,7 @@ def scan_parquet(
             f"not a readable parquet file: {exc}", file=path, kind="unreadable"
         ) from None
     schema = pf.schema_arrow
-    if text_field not in schema.names:
-        raise CorpusError(
-            f"no {text_field!r} column (columns: {', '.join(schema.names[:12])})",
-            file=path,
-            kind="missing_column",
-        )
-    text_type = schema.field(text_field).type
-    if not _is_text(pa, text_type):
-        raise CorpusError(
-            f"column {text_field!r} holds {text_type}, not strings",
-            file=path,
-            kind="missing_column",
-        )
-    columns = [text_field] + ([id_field] if id_field in schema.names else [])
+    columns = view.columns(schema, path) or list(schema.names)
     sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
     group, row = 0, 0  # the row group holding ``row0``, and its first row
     while group < len(sizes) and row + sizes[group] <= row0:
@@ -75,20 +60,23 @@ def scan_parquet(
             if first < row + n:
                 picked = range(first - row, n, stripes)
                 rows = batch.take(pa.array(picked)) if stripes > 1 else batch.slice(picked[0])
-                texts = _values(rows.column(0))
-                ids = _values(rows.column(1)) if len(columns) > 1 else [None] * len(texts)
-                stats["parsed_records"] += len(texts)
-                for k, text, doc_id in zip(picked, texts, ids, strict=True):
+                values = [_values(rows.column(c)) for c in range(len(columns))]
+                stats["parsed_records"] += len(picked)
+                for k, row_values in zip(picked, zip(*values, strict=True), strict=True):
                     line = row + k + 1
-                    if isinstance(text, _NotUtf8) or isinstance(doc_id, _NotUtf8):
-                        where = text_field if isinstance(text, _NotUtf8) else id_field
-                        message = f"column {where!r} is not valid UTF-8"
+                    broken = [
+                        c
+                        for c, v in zip(columns, row_values, strict=True)
+                        if isinstance(v, _NotUtf8)
+                    ]
+                    if broken:
+                        message = f"column {broken[0]!r} is not valid UTF-8"
                         item = CorpusError(message, file=path, line=line, kind="invalid_utf8")
                     else:
-                        item = guarded(
-                            path, line, text_record, text, doc_id, path, line, text_field, max_bytes
-                        )
-                    yield item, {"row": line}
+                        record = dict(zip(columns, row_values, strict=True))
+                        item = guarded(path, line, view.convert, record, path, line, max_bytes)
+                    if item is not None:
+                        yield item, {"row": line}
             row += n
     except (pa.ArrowException, OSError) as exc:
         raise CorpusError(
@@ -98,16 +86,6 @@ def scan_parquet(
 
 class _NotUtf8:
     """Stands for a value whose bytes are not UTF-8."""
-
-
-def _is_text(pa, text_type) -> bool:
-    """Arrow string types (plain, large, view), or a dictionary of them."""
-    if pa.types.is_dictionary(text_type):
-        text_type = text_type.value_type
-    is_view = getattr(pa.types, "is_string_view", lambda _: False)
-    return (
-        pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or is_view(text_type)
-    )
 
 
 def _values(column) -> list:

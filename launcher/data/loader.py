@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from launcher.data.config import DataConfig
+from launcher.data.packing import Piece, hand_over, own_segment
+from launcher.data.plan import Layout, SourcePlan, redistribute
+from launcher.data.records import RECORD_ERRORS, STATS
+from launcher.data.sources import ResolvedCorpus
+from launcher.data.stream import ReaderStream, apply_delta, fresh_state
+from launcher.data.tokenizer import TextTokenizer
 from launcher.errors import UserError
-from pretrain.data.config import DataConfig
-from pretrain.data.documents import RECORD_ERRORS, STATS
-from pretrain.data.packing import Piece, hand_over, own_segment
-from pretrain.data.plan import Layout, SourcePlan, redistribute
-from pretrain.data.sources import ResolvedCorpus
-from pretrain.data.stream import ReaderStream, apply_delta, fresh_state
-from pretrain.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2

@@ -15,10 +15,10 @@ from .data_fixtures import make_corpus, train_small_tokenizer
 CHILD = """
 import os, signal, sys
 from pathlib import Path
-from pretrain.data.loader import StreamLoader
-from pretrain.data.sources import resolve_corpus
-from pretrain.tokenizer import TextTokenizer
-from tests.pretrain.data_fixtures import data_config
+from launcher.data.loader import StreamLoader
+from launcher.data.sources import resolve_corpus
+from launcher.data.tokenizer import TextTokenizer
+from tests.data.data_fixtures import data_config
 
 cfg = data_config(Path(sys.argv[1]), num_workers=2, seq_len=512)
 tokenizer = TextTokenizer.load(sys.argv[2])

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 
-from pretrain.data.packing import IGNORE, Packer, Piece, hand_over
+from launcher.data.packing import IGNORE, Packer, Piece, hand_over
 
 
 def pieces(n: int, seed: int = 0) -> list[Piece]:

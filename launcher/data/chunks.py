@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from pretrain.tokenizer import TextTokenizer
+from launcher.data.tokenizer import TextTokenizer
 
 CHUNK_CHARS = 1 << 13
 """Characters per chunk (at least; a chunk ends at the next cut)."""

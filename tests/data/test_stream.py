@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.documents import read_documents
-from pretrain.data.loader import DataStateError
-from pretrain.data.packing import IGNORE
-from pretrain.data.sources import resolve_corpus
-from pretrain.data.stream import EPOCH_SHIFT, document_key
+from launcher.data.documents import read_documents
+from launcher.data.loader import DataStateError
+from launcher.data.packing import IGNORE
+from launcher.data.sources import resolve_corpus
+from launcher.data.stream import EPOCH_SHIFT, document_key
 
 from .data_fixtures import (
     data_config,
@@ -132,7 +132,7 @@ def targets_per_document(batches: list[dict], epoch: int) -> dict[int, list[int]
 
 def test_a_later_resume_reads_no_more_than_an_early_one(corpus_dir, tokenizer, monkeypatch):
     """Resume is O(1) in the position: files are reopened at the saved offsets."""
-    from pretrain.data import stream
+    from launcher.data import stream
 
     opened = []
     real_scan = stream.scan

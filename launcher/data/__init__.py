@@ -1,0 +1,1 @@
+"""Stage-neutral data: resumable corpus readers, records, tokenizers, packing, loaders."""
