@@ -19,29 +19,12 @@ from launcher.data.loader import StreamLoader
 from launcher.data.sources import resolve_corpus
 from launcher.data.tokenizer import TextTokenizer
 from launcher.data.validation import IGNORE, build_validation
+from launcher.forward import forward_logits
 from launcher.metrics import record
 from launcher.runtime import Runtime
 from launcher.task import Task
 from pretrain.config import PretrainConfig
 from pretrain.model import build_model, flops_per_token
-
-
-def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, L, L] additive mask: causal, and no attention across packed documents."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones_like(same[0], dtype=torch.bool).tril()
-    allowed = same & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    kwargs = {}
-    if "segment_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
-        kwargs["attention_mask"] = block_causal_mask(batch["segment_ids"], torch.float32)
-    return model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
 
 
 class PretrainTask(Task):
