@@ -1,15 +1,16 @@
 """Saving and resuming a run: every rank's part, in order, with the collectives in between.
 
-``save`` writes a checkpoint of the trainer (weights and moments, loop counters, the task's
-state — the data stream — and RNG of every rank) through ``launcher.checkpoint``'s atomic
-folder protocol. ``resume`` applies ``checkpoint.resume`` (auto / must / none / a path): it
-finds the newest checkpoint that verifies, every rank checking a share of the files, and loads
-it even if it was written by another world size or ZeRO stage.
+``save`` writes the trainer's named states (``Trainer.checkpoint_states``: weights and
+moments, loop counters, the task's state — the data stream — RNG, and whatever the task adds;
+``launcher/states.py`` says how each is stored) through ``launcher.checkpoint``'s atomic folder
+protocol. ``resume`` applies ``checkpoint.resume`` (auto / must / none / a path): it finds the
+newest checkpoint that verifies, every rank checking a share of the files, and loads it even
+if it was written by another world size or ZeRO stage; a state the run asks for that the
+checkpoint lacks is an error naming both.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 import yaml
 
-from launcher import snapshot
+from launcher import snapshot, states
 from launcher.checkpoint import (
     CheckpointError,
     balance,
@@ -64,21 +65,12 @@ def save(trainer: Trainer, reason: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died here before
         tmp.mkdir(parents=True)
     rt.barrier()
-    model = trainer.engine.module
-    written = snapshot.save_weights(
-        model, trainer.optimizer, trainer.engine, tmp, rt.rank, rt.world_size
-    )
-    written += snapshot.save_rng(tmp, rt.rank)
-    part = f"rank-{rt.rank:05d}.json"
-    (tmp / part).write_text(json.dumps({"task": trainer.task.state_dict()}))
-    written.append(part)
+    named = trainer.checkpoint_states()
+    out = states.Saving(tmp, rt.rank, rt.world_size, rt.is_main)
+    for name, state in named.items():  # every rank, in order: some gather (ZeRO-3)
+        state.save(name, out)
+    written = out.close()
     if rt.is_main:
-        meta_trainer = {
-            "train_state": trainer.state.state_dict(),
-            "adam_step": snapshot.adam_step(trainer.optimizer, trainer.engine),
-        }
-        (tmp / "trainer.json").write_text(json.dumps(meta_trainer, indent=1))
-        written.append("trainer.json")
         if (cfg.run_dir / "config.yaml").is_file():
             shutil.copy(cfg.run_dir / "config.yaml", tmp / "config.yaml")
             written.append("config.yaml")
@@ -97,6 +89,7 @@ def save(trainer: Trainer, reason: str) -> Path:
             "zero_stage": rt.zero_stage,
             "dtype": str(rt.dtype),
             "config_fingerprint": cfg.fingerprint(),
+            "states": list(named),
             "saved_at": time.time(),
         }
         commit(tmp, final, files, meta)
@@ -144,6 +137,10 @@ def load_best_weights(trainer: Trainer) -> Path | None:
     if trainer.cfg.checkpoint.best is None or best is None or best == trainer.state.step:
         return None
     folder = step_dir(checkpoint_root(trainer), best)
+    if hasattr(trainer.engine, "empty_partition_cache"):
+        # ZeRO-3 leaves parameters prefetched by the last evaluation's forwards in flight;
+        # overwriting them fails ("Cannot partition a param in flight") until released.
+        trainer.engine.empty_partition_cache()
     snapshot.load_weights(trainer.engine.module, trainer.optimizer, trainer.engine, folder)
     log.info("exporting the best checkpoint (step %d), not the last step's weights", best)
     return folder
@@ -217,16 +214,19 @@ def load(trainer: Trainer, folder: Path) -> None:
     if rt.is_main and meta["config_fingerprint"] != trainer.cfg.fingerprint():
         changed = _changed_settings(folder / "config.yaml", trainer.cfg.model_dump(mode="json"))
         log.warning("resuming %s with changed settings: %s", folder, changed or "unknown")
-    saved = json.loads((folder / "trainer.json").read_text())
-    snapshot.load_weights(trainer.engine.module, trainer.optimizer, trainer.engine, folder)
-    snapshot.set_adam_step(trainer.optimizer, trainer.engine, saved["adam_step"])
-    trainer.state.load_state_dict(saved["train_state"])
-    parts = [
-        json.loads((folder / f"rank-{r:05d}.json").read_text()) for r in range(meta["world_size"])
-    ]
-    trainer.task.load_state_dict([p["task"] for p in parts])
-    # The RNG is set once the data iterator exists (creating it draws a seed): the loop does.
-    trainer.rng_from = folder if meta["world_size"] == rt.world_size else None
+    named = trainer.checkpoint_states()
+    src = states.Loading(folder, meta["world_size"], rt.rank, rt.world_size, meta.get("states"))
+    task = f"{type(trainer.task).__name__}.states()"
+    asked_by = {n: task for n in named if n not in states.LOOP_STATES}
+    states.check_saved(named, src, asked_by)  # before anything is loaded
+    for name, state in named.items():  # in order: weights before Adam's step count
+        if state.saved_in(name, src):
+            state.load(name, src)
+        elif name not in states.LOOP_STATES:
+            log.warning("%s holds no state %r: it keeps its default", folder, name)
+    ignored = src.names() - named.keys()
+    if ignored and rt.is_main:
+        log.warning("%s: not loaded (this run has no such state): %s", folder, sorted(ignored))
     trainer.resumed_from = folder
     if folder.resolve().parent == checkpoint_root(trainer).resolve():
         trainer.last_saved_step = meta["step"]  # this run's own: saving it again adds nothing

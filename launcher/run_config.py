@@ -35,7 +35,8 @@ class TrainSection(Section):
     micro_batch_size: int = Field(8, gt=0)
     """Sequences per forward/backward on one rank."""
     max_steps: int = Field(100, gt=0)
-    """Optimizer steps to run (also the horizon of the learning-rate schedule)."""
+    """Loop steps to run: optimizer steps, unless the task takes several per step (PPO over a
+    rollout); the learning-rate schedule spans the optimizer steps of all of them."""
     epochs: int | None = Field(None, gt=0)
     """Passes over a finite training set (fine-tuning): the horizon is then epochs x the
     task's steps per epoch, instead of max_steps."""

@@ -13,14 +13,16 @@ a parent's, for a stage that starts from one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from launcher import persist
 from launcher.callbacks import default_callbacks
 from launcher.checkpoint import sha256_file
+from launcher.config import save_config
 from launcher.loop import Callback, Trainer
 from launcher.run_config import RunConfig
 from launcher.runtime import Runtime, build_runtime, seed_everything
@@ -58,7 +60,9 @@ def _run(cfg, runtime: Runtime, make_task, prepare, callbacks, parent) -> dict[s
     if runtime.is_main and prepare is not None:
         prepare(cfg)  # once, before the other ranks read what it writes
     runtime.barrier()
-    task = make_task(cfg, runtime)
+    task = make_task(cfg, runtime)  # reads and checks the stage's data: nothing written before
+    if runtime.is_main:
+        save_config(cfg, cfg.run_dir)  # the resolved config; every checkpoint copies it
     trainer = Trainer(cfg, runtime, task, callbacks or default_callbacks(cfg))
     trainer.setup()
     results = trainer.fit()
@@ -72,7 +76,8 @@ def _run(cfg, runtime: Runtime, make_task, prepare, callbacks, parent) -> dict[s
         out = cfg.run_dir / "hf"
         model = runtime.accelerator.unwrap_model(trainer.engine)
         try:
-            with STOP.interruptible():  # the main rank alone: no collective to leave hanging
+            # the main rank alone: no collective to leave hanging
+            with STOP.interruptible(), plain_model_construction():
 
                 def write(tmp: Path) -> None:
                     task.export(model, state, tmp)
@@ -89,6 +94,23 @@ def _run(cfg, runtime: Runtime, make_task, prepare, callbacks, parent) -> dict[s
         print(f"[kiln] model           {out}/ (HF format)")
     runtime.barrier()
     return results
+
+
+@contextlib.contextmanager
+def plain_model_construction() -> Iterator[None]:
+    """Models built during the export (``from_config``, peft merges) are plain, not ZeRO-3
+    partitioned: transformers builds under ``deepspeed.zero.Init`` whenever its DeepSpeed
+    config says ZeRO-3, and that Init's collectives would wait forever for the other ranks,
+    which are not exporting. transformers keeps that config behind a module-level weak
+    reference (no public getter), restored after."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def export_atomically(out: Path, write: Callable[[Path], object]) -> None:

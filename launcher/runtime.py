@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,6 +40,8 @@ class Runtime:
     zero_stage: int
     ds_config: dict
     env_set: tuple[str, ...] = ()
+    accelerate_env: dict[str, str] = field(default_factory=dict)
+    """ACCELERATE_* variables before the Accelerator was created (``close`` restores them)."""
 
     @property
     def is_main(self) -> bool:
@@ -85,6 +87,16 @@ class Runtime:
         _forget_deepspeed_groups()
         for key in self.env_set:
             os.environ.pop(key, None)
+        # The Accelerator exported ACCELERATE_USE_DEEPSPEED and friends, and transformers
+        # holds its DeepSpeed config: a later Accelerator or from_pretrained in this process
+        # (a TRL trainer in a test) would believe it runs under DeepSpeed.
+        for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+            if key not in self.accelerate_env:
+                del os.environ[key]
+        os.environ.update(self.accelerate_env)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def _forget_deepspeed_groups() -> None:
@@ -251,6 +263,7 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
     import deepspeed  # noqa: F401
 
     printed = io.StringIO()
+    accelerate_env = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
     with contextlib.redirect_stdout(printed):
         accelerator = Accelerator(
             deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
@@ -280,6 +293,7 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
         zero_stage=int(ds["zero_optimization"]["stage"]),
         ds_config=ds,
         env_set=env_set,
+        accelerate_env=accelerate_env,
     )
 
 

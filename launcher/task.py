@@ -2,10 +2,11 @@
 
 A stage (pretraining, SFT, reward model, DPO, ...) says *what* to train: the model and its
 optimizer groups, an endless resumable stream of micro-batches, the loss of one micro-batch,
-and how to evaluate. The loop (``launcher/loop.py``) says *how*: devices, DeepSpeed,
-accumulation, clipping, schedule, skips, logging, evaluation cadence, checkpoints. A task never
-calls DeepSpeed, writes files or parses the command line; it reports extra metrics with
-``launcher.metrics.record``.
+and how to evaluate; optionally its own step (``train_step``: several optimizer steps over a
+rollout it generated) and its own named checkpoint states (``states``). The loop
+(``launcher/loop.py``) says *how*: devices, DeepSpeed, accumulation, clipping, schedule,
+skips, logging, evaluation cadence, checkpoints. A task never calls DeepSpeed, writes files
+or parses the command line; it reports extra metrics with ``launcher.metrics.record``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +23,10 @@ from launcher.errors import UserError
 from launcher.optim import param_groups
 from launcher.run_config import RunConfig
 from launcher.runtime import Runtime
+
+if TYPE_CHECKING:
+    from launcher.states import State, Stateful
+    from launcher.stepping import StepContext
 
 
 class Task(ABC):
@@ -70,6 +76,20 @@ class Task(ABC):
         """The loss of one micro-batch (a scalar with a graph): its mean, or, when
         ``items_in`` counts the batch's items, their sum."""
 
+    def train_step(self, step: StepContext, batches: list[dict[str, torch.Tensor]]) -> None:
+        """One loop step over ``batches`` (the ``accum`` micro-batches the loop drew for it).
+        Default: one optimizer step over them, ``step.optimize(batches)``. A task may take
+        several (``optimizer_steps_per_step``), on micro-batches it makes itself (e.g. with
+        ``with step.runtime.generating(step.engine) as model:`` first), each exactly
+        ``step.accum`` micro-batches, the same number of times on every rank."""
+        step.optimize(batches)
+
+    def optimizer_steps_per_step(self) -> int:
+        """How many optimizer steps ``train_step`` takes (default 1): the LR schedule and
+        ``train.max_tokens`` count optimizer steps, so its length is the horizon (in loop
+        steps) times this."""
+        return 1
+
     def items_in(self, batch: dict[str, torch.Tensor]) -> int | None:
         """The items a micro-batch's loss is made of (supervised tokens, pairs, examples),
         counted before its forward pass; None (the default) when every micro-batch weighs the
@@ -86,8 +106,8 @@ class Task(ABC):
         return int(batch["input_ids"].numel())
 
     def steps_per_epoch(self) -> int | None:
-        """Optimizer steps in one pass over a finite training set (``train.epochs``,
-        ``eval.every: epoch``); None (the default): the data is a stream."""
+        """Loop steps (``train_step`` calls) in one pass over a finite training set
+        (``train.epochs``, ``eval.every: epoch``); None (the default): the data is a stream."""
         return None
 
     def tokens_per_sequence(self) -> int:
@@ -128,3 +148,11 @@ class Task(ABC):
         """The saved ``state_dict()`` of every rank of the run that saved (its world size may
         differ from this one's)."""
         return None
+
+    def states(self) -> dict[str, State | Stateful]:
+        """Named checkpoint states of the task besides ``state_dict`` (default: none), e.g.
+        ``{"kl": RunJson(self.kl_controller), "baseline": RankTensors(self.baseline)}``
+        (``launcher.states``; a bare object with ``state_dict``/``load_state_dict`` is this
+        rank's JSON). Asked for at set-up (after ``train_batches``), at every save and load;
+        resuming from a checkpoint without one of them is an error unless it is optional."""
+        return {}

@@ -16,17 +16,8 @@ import torch.multiprocessing as mp
 from launcher import metrics as metrics_module
 from launcher.config import Section
 from launcher.flops import mfu, peak_flops
-from launcher.metrics import (
-    JsonlSink,
-    Metrics,
-    MetricsConfig,
-    ProgressBar,
-    StepTimer,
-    WandbSink,
-    peak_memory_bytes,
-    record,
-    redact,
-)
+from launcher.metrics import Metrics, MetricsConfig, StepTimer, peak_memory_bytes, record
+from launcher.sinks import JsonlSink, ProgressBar, WandbSink, redact
 
 from .runs import free_port
 
