@@ -122,6 +122,26 @@ class TextTokenizer:
     def pad_id(self) -> int:
         return self._id("pad")
 
+    @property
+    def pad_is_eos(self) -> bool:
+        """Padding uses the EOS id (brought tokenizers without a pad token): labels must then
+        never be derived from pad ids, or end-of-turn is never learned."""
+        return self.pad_id == self.eos_id
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template of the loaded tokenizer_config.json, if any."""
+        template = self._extra_config.get("chat_template")
+        return template if isinstance(template, str) else None
+
+    def encode_segments(self, segments: Iterable[str | int]) -> list[int]:
+        """Ids of text segments (encoded as text) and ids (kept as they are), in order: chat
+        headers and content as text, an end-of-turn token by its id."""
+        ids: list[int] = []
+        for segment in segments:
+            ids += [segment] if isinstance(segment, int) else self.encode(segment)
+        return ids
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; special-token strings inside it are encoded as text."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -134,8 +154,14 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def save(self, out_dir: str | Path, model_max_length: int | None = None) -> Path:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+    def save(
+        self,
+        out_dir: str | Path,
+        model_max_length: int | None = None,
+        chat_template: str | None = None,
+    ) -> Path:
+        """Write tokenizer.json, tokenizer_config.json (with ``chat_template`` when given,
+        for ``apply_chat_template``) and special_tokens_map.json."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         # The saved file is for HF users, who expect special tokens in text to be parsed.
@@ -153,6 +179,8 @@ class TextTokenizer:
         )
         if model_max_length:
             config["model_max_length"] = model_max_length
+        if chat_template is not None:
+            config["chat_template"] = chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
         return out

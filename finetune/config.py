@@ -1,0 +1,93 @@
+"""The SFT run config: the shared runtime sections plus data, chat and peft."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from launcher.config import Section
+from launcher.data.examples import ExampleSource
+from launcher.run_config import RunConfig
+
+
+class HoldOut(Section):
+    fraction: float = Field(..., gt=0, lt=1)
+    """Share of the training examples held out for validation (a seeded choice)."""
+
+
+class SFTDataSection(Section):
+    train: list[ExampleSource] = Field(min_length=1)
+    """Sources of chats ({"messages": [{"role", "content"}]}) or {"prompt", "completion"}."""
+    validation: list[ExampleSource] | HoldOut | None = None
+    """Validation sources, or {fraction: f} of the training examples, or none."""
+    max_seq_len: int = Field(512, gt=1)
+    """Examples are cut to this many tokens (a packed row holds this many)."""
+    packing: bool = False
+    """Pack whole examples into rows of max_seq_len tokens (best fit), else right-pad."""
+    on_error: Literal["skip", "raise"] = "skip"
+    """A bad record: skip and count it (data/skipped_<kind>), or stop at the first one."""
+    shuffle: bool = True
+    """A seeded permutation of the examples each epoch."""
+
+
+class ChatSection(Section):
+    template: Literal["default", "tokenizer"] = "default"
+    """default: plain-text role headers, the tokenizer's EOS ends each turn (no new tokens);
+    tokenizer: the chat template of the parent's tokenizer_config.json."""
+
+
+class PeftSection(Section):
+    method: Literal["lora", "prefix", "prompt"] = "lora"
+    r: int = Field(8, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    """LoRA: the linear layers that get adapters."""
+    num_virtual_tokens: int = Field(8, gt=0)
+    """Prefix / prompt tuning: learned virtual tokens."""
+
+
+class SFTConfig(RunConfig):
+    data: SFTDataSection
+    chat: ChatSection = ChatSection()
+    peft: PeftSection | None = None
+    """null: full fine-tuning; else {method: lora|prefix|prompt, ...}."""
+
+    def problems(self) -> Iterable[tuple[str, str]]:
+        yield from super().problems()
+        if self.init.path is None:
+            yield "init.path", "SFT starts from a model: set init.path to an HF directory"
+            return
+        folder = Path(self.init.path)
+        if not folder.is_dir() or not (folder / "config.json").is_file():
+            return  # InitSection reports it
+        if not (folder / "tokenizer.json").is_file():
+            yield "init.path", f"{folder}: no tokenizer.json (SFT needs the parent's tokenizer)"
+        limit = parent_max_positions(folder)
+        if limit is not None and self.data.max_seq_len > limit:
+            yield (
+                "data.max_seq_len",
+                f"{self.data.max_seq_len} is over the model's max_position_embeddings "
+                f"({limit}, {folder / 'config.json'}); use at most {limit}",
+            )
+        if self.data.packing and self.peft is not None and self.peft.method == "prompt":
+            yield (
+                "data.packing",
+                "prompt tuning prepends virtual tokens to each row, so packed examples "
+                "would share them; set data.packing: false",
+            )
+
+
+def parent_max_positions(folder: Path) -> int | None:
+    """``max_position_embeddings`` of an HF directory's config.json, if it says."""
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
