@@ -100,10 +100,63 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def predict_main(argv: list[str]) -> int:
+    """`kiln predict HF_DIR FILE [--out preds.jsonl]`: label every record's text with a
+    sequence classifier (a `kiln classify` export, or any HF one), in this process alone."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from launcher.data.records import CorpusError, read_records
+
+    parser = argparse.ArgumentParser(prog="kiln predict", description=predict_main.__doc__)
+    parser.add_argument("model", help="an HF sequence-classification directory (runs/NAME/hf)")
+    parser.add_argument("file", help="jsonl (plain, .gz, .zst) or parquet records")
+    parser.add_argument("--out", help="write {line, label, score} lines here (default: stdout)")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    console.setup()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+        rows = []
+        for item in read_records(args.file):
+            text = None if isinstance(item, CorpusError) else item.data.get(args.text_field)
+            if not isinstance(text, str):
+                where = item if isinstance(item, CorpusError) else item.where
+                print(f"kiln predict: skipped {where}: no text", file=sys.stderr)
+                continue
+            rows.append((item.line, text))
+    except (OSError, ValueError, UserError) as exc:
+        print(f"kiln predict: error: {exc}", file=sys.stderr)
+        return 1
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 (closed below)
+    try:
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start : start + args.batch_size]
+            inputs = tokenizer(
+                [text for _, text in chunk], padding=True, truncation=True, return_tensors="pt"
+            )
+            with torch.no_grad():
+                probs = model(**inputs).logits.float().softmax(-1)
+            score, index = probs.max(-1)
+            for (line, _), s, i in zip(chunk, score.tolist(), index.tolist(), strict=True):
+                label = model.config.id2label[i]
+                out.write(json.dumps({"line": line, "label": label, "score": s}) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["predict"]:
+        return predict_main(argv[1:])
     if argv[:1] == ["plan"]:  # the pretraining model's memory planner (pretrain/memory/)
         planner = find_stage("pretrain").plan
         return planner(argv[1:]) if planner else 2
