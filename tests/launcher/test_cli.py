@@ -46,7 +46,8 @@ def test_nproc_and_nodes_set_the_world_size_that_is_validated(in_tmp, capsys):
 
 def test_unknown_stage_lists_the_known_ones(capsys):
     assert main(["pretrian", TINY]) == 2
-    assert "unknown stage 'pretrian'; stages: prepare" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown stage 'pretrian'; stages: classify, prepare, pretrain, reward, sft" in err
 
 
 def test_print_config_shows_the_resolved_config_and_writes_nothing(in_tmp, capsys):
@@ -107,7 +108,7 @@ def test_module_entry_point_and_console_script_validate_before_running(in_tmp):
     kiln = Path(sys.executable).with_name("kiln")
     for cmd in ([sys.executable, "-m", "launcher"], [str(kiln)]):
         done = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and "stages: prepare" in done.stdout
+        assert done.returncode == 0 and "prepare, pretrain" in done.stdout
         done = subprocess.run(
             [*cmd, "prepare", TINY, "model.n_heads=5"], capture_output=True, text=True, timeout=120
         )
