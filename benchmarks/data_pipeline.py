@@ -42,7 +42,8 @@ from launcher.data.loader import StreamLoader
 from launcher.data.plan import Layout
 from launcher.data.sources import resolve_corpus, sample_texts
 from launcher.data.stream import ReaderStream, fresh_state
-from launcher.data.tokenizer import TokenizerConfig, train_tokenizer
+from launcher.data.tokenizer import TokenizerConfig
+from launcher.data.tokenizer_training import train_tokenizer
 from pretrain.data.builtin import BuiltinCorpusConfig, write_builtin_corpus
 from pretrain.data.config import PretrainDataConfig
 from pretrain.model import ModelConfig, build_model, flops_per_token

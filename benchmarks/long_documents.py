@@ -138,7 +138,8 @@ def prepare(
 ) -> tuple[Path, dict[int, Path], Path]:
     """The built-in corpus, a tokenizer, one single-line document per size."""
     from launcher.data.sources import sample_texts
-    from launcher.data.tokenizer import TokenizerConfig, train_tokenizer
+    from launcher.data.tokenizer import TokenizerConfig
+    from launcher.data.tokenizer_training import train_tokenizer
     from pretrain.data.builtin import BuiltinCorpusConfig, write_builtin_corpus
     from pretrain.data.config import PretrainDataConfig
 

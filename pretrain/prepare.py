@@ -13,12 +13,8 @@ from pathlib import Path
 
 from launcher.config import save_config
 from launcher.data.sources import check_corpus, resolve_corpus, sample_texts
-from launcher.data.tokenizer import (
-    TextTokenizer,
-    TokenizerError,
-    roundtrip_failures,
-    train_tokenizer,
-)
+from launcher.data.tokenizer import TextTokenizer, TokenizerError, roundtrip_failures
+from launcher.data.tokenizer_training import train_tokenizer
 from launcher.data.validation import build_validation
 from launcher.stages import Stage
 from pretrain.config import PretrainConfig

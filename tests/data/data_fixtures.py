@@ -13,7 +13,8 @@ from launcher.data.config import DataConfig
 from launcher.data.loader import StreamLoader
 from launcher.data.sources import resolve_corpus
 from launcher.data.stream import EPOCH_SHIFT, document_key
-from launcher.data.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
+from launcher.data.tokenizer import TextTokenizer, TokenizerConfig
+from launcher.data.tokenizer_training import train_tokenizer
 
 WORDS = [
     "river",

@@ -12,7 +12,8 @@ from launcher.data import stream
 from launcher.data.chunks import CHUNK_CHARS, chunk_end, encode_chunked, splices_cleanly
 from launcher.data.config import DataConfig
 from launcher.data.loader import _decode
-from launcher.data.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
+from launcher.data.tokenizer import TextTokenizer, TokenizerConfig
+from launcher.data.tokenizer_training import train_tokenizer
 
 from .data_fixtures import (
     data_config,

@@ -21,7 +21,8 @@ from launcher.data.documents import RECORD_ERRORS, CorpusError
 from launcher.data.loader import StreamLoader
 from launcher.data.sources import resolve_corpus, sample_texts
 from launcher.data.stream import document_key
-from launcher.data.tokenizer import TokenizerConfig, train_tokenizer
+from launcher.data.tokenizer import TokenizerConfig
+from launcher.data.tokenizer_training import train_tokenizer
 
 from .data_fixtures import make_text, tokens_per_document
 

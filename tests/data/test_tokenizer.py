@@ -16,8 +16,8 @@ from launcher.data.tokenizer import (
     TokenizerConfig,
     TokenizerError,
     roundtrip_failures,
-    train_tokenizer,
 )
+from launcher.data.tokenizer_training import train_tokenizer
 
 FIXTURES = ["llama-test-tokenizer.json", "gpt-neo-test-tokenizer.json"]
 STRESS = [
