@@ -47,7 +47,7 @@ def test_nproc_and_nodes_set_the_world_size_that_is_validated(in_tmp, capsys):
 def test_unknown_stage_lists_the_known_ones(capsys):
     assert main(["pretrian", TINY]) == 2
     err = capsys.readouterr().err
-    assert "unknown stage 'pretrian'; stages: classify, prepare, pretrain, reward, sft" in err
+    assert "unknown stage 'pretrian'; stages: classify, dpo, prepare, pretrain, reward, sft" in err
 
 
 def test_print_config_shows_the_resolved_config_and_writes_nothing(in_tmp, capsys):

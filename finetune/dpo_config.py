@@ -1,0 +1,73 @@
+"""The DPO run config: the reward stage's ``data`` (preference pairs), ``chat`` and ``peft``,
+plus ``dpo`` (the loss). The parent must be a causal LM (an SFT or pretraining export)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from finetune.config import ChatSection, PeftSection, parent_max_positions
+from finetune.reward_config import RewardData
+from launcher.config import Section
+from launcher.run_config import BestSection, RunConfig
+
+
+class DPOSection(Section):
+    loss: Literal["sigmoid", "robust", "ipo"] = "sigmoid"
+    """sigmoid: -log sig(beta z) (Rafailov et al.); robust: label noise ``epsilon`` (Chowdhury
+    et al., TRL's "robust"); ipo: TRL 1.16's length-averaged IPO (Azar et al.)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull toward the reference (IPO: its target margin is 1/(2 beta))."""
+    epsilon: float = Field(0.1, ge=0, lt=0.5)
+    """``loss: robust`` only: the assumed share of flipped preference labels."""
+    nll_coef: float = Field(0.0, ge=0)
+    """Adds ``nll_coef`` x the chosen response's mean token NLL per pair (TRL's rpo_alpha)."""
+
+
+class DPOConfig(RunConfig):
+    data: RewardData
+    chat: ChatSection = ChatSection()
+    peft: PeftSection | None = None
+    """null: full fine-tuning (the reference is a frozen copy of the parent); lora: adapters
+    (the reference is the actor with its adapters disabled, no second copy)."""
+    dpo: DPOSection = DPOSection()
+
+    @model_validator(mode="after")
+    def _best_by_accuracy(self) -> DPOConfig:
+        """With a validation set and no ``checkpoint.best``: keep the best eval/accuracy."""
+        if self.checkpoint.best is None and self.data.validation is not None and self.eval.every:
+            self.checkpoint.best = BestSection(metric="eval/accuracy", mode="max")
+        return self
+
+    def problems(self) -> Iterable[tuple[str, str]]:
+        yield from super().problems()
+        if self.init.path is None:
+            yield "init.path", "required: the HF causal LM directory (SFT or pretraining export)"
+            return
+        if self.peft is not None and self.peft.method != "lora":
+            yield "peft.method", f"{self.peft.method}: the dpo stage supports lora only"
+        folder = Path(self.init.path)
+        if not (folder / "config.json").is_file():
+            return  # InitSection reports it
+        if not (folder / "tokenizer.json").is_file():
+            yield "init.path", f"{folder}: no tokenizer.json (the stage needs its tokenizer)"
+        try:
+            found = json.loads((folder / "config.json").read_text()).get("architectures") or []
+        except ValueError as exc:
+            yield "init.path", f"{folder / 'config.json'}: not JSON ({exc})"
+            return
+        if not any(a.endswith("ForCausalLM") for a in found):
+            yield (
+                "init.path",
+                f"{folder / 'config.json'}: architecture {found or 'none'} is not a causal LM",
+            )
+        limit = parent_max_positions(folder)
+        if limit is not None and self.data.max_seq_len > limit:
+            yield (
+                "data.max_seq_len",
+                f"{self.data.max_seq_len} is over the model's max_position_embeddings ({limit})",
+            )
