@@ -34,7 +34,7 @@ from finetune.classify_model import (
     load_classifier,
 )
 from launcher.callbacks import Checkpoint, Evaluate, Log
-from launcher.data.batches import ExampleStream, evaluation_batches
+from launcher.data.batches import ExampleStream
 from launcher.data.records import CorpusError
 from launcher.metrics import record
 from launcher.runner import run_stage
@@ -175,21 +175,9 @@ class ClassifyTask(Task):
 
     def score(self, model: nn.Module, examples: list, prefix: str = "eval/") -> dict[str, float]:
         rt = self.runtime
-        batches = evaluation_batches(
-            examples,
-            rank=rt.rank,
-            world_size=rt.world_size,
-            batch_size=self.cfg.train.micro_batch_size,
-            pad_id=self.tokenizer.pad_id,
-        )
-        if self.cfg.eval.max_batches is not None:
-            batches = batches[: self.cfg.eval.max_batches]
+        batches = self.validation_batches(examples, self.tokenizer.pad_id)
         counts = tally(self, model, batches, rt.device)
         rt.all_reduce(counts)
-        if rt.zero_stage == 3 and hasattr(model, "empty_partition_cache"):
-            # ZeRO-3 leaves prefetched parameters in flight after a forward pass outside a
-            # training step; a later gather of them (load_best_weights) then fails.
-            model.empty_partition_cache()
         return self.metrics(counts, prefix)
 
     def metrics(self, counts: torch.Tensor, prefix: str = "eval/") -> dict[str, float]:

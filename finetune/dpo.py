@@ -23,7 +23,7 @@ from finetune.dpo_config import DPOConfig, DPOSection
 from finetune.peft_setup import load_parent, trainable_parameters
 from finetune.reward_data import PairEncoder, read_pair_sets
 from finetune.sft import SFTTask, export_checkpoint
-from launcher.data.batches import ExampleStream, evaluation_batches
+from launcher.data.batches import ExampleStream
 from launcher.data.packing import IGNORE
 from launcher.data.tokenizer import TextTokenizer
 from launcher.errors import UserError
@@ -178,15 +178,7 @@ class DPOTask(Task):
         if self.validation is None:
             return {}
         rt = self.runtime
-        batches = evaluation_batches(
-            self.validation.examples,
-            rank=rt.rank,
-            world_size=rt.world_size,
-            batch_size=self.cfg.train.micro_batch_size,
-            pad_id=self.tokenizer.pad_id,
-        )
-        if self.cfg.eval.max_batches is not None:
-            batches = batches[: self.cfg.eval.max_batches]
+        batches = self.validation_batches(self.validation.examples, self.tokenizer.pad_id)
         sums = torch.zeros(6, dtype=torch.float64, device=rt.device)
         beta = self.cfg.dpo.beta
         with torch.no_grad():
@@ -201,8 +193,6 @@ class DPOTask(Task):
                     (pi[1].double() * real).sum(),
                 ])  # fmt: skip
         rt.all_reduce(sums)
-        if rt.zero_stage == 3 and hasattr(model, "empty_partition_cache"):
-            model.empty_partition_cache()  # see ClassifyTask.score
         n, loss, right, margin, chosen, rejected = sums.tolist()
         n = max(n, 1.0)
         return {

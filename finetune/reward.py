@@ -135,23 +135,10 @@ class RewardTask(Task):
         if self.validation is None:
             return {}
         rt = self.runtime
-        batches = self._batches(self.validation.examples, rt.rank, rt.world_size)
-        if self.cfg.eval.max_batches is not None:
-            batches = batches[: self.cfg.eval.max_batches]
+        batches = self.validation_batches(self.validation.examples, self.tokenizer.pad_id)
         sums = tally(model, batches, self.tokenizer.pad_id, self.cfg.reward.center_coef, rt.device)
         rt.all_reduce(sums)
-        if rt.zero_stage == 3 and hasattr(model, "empty_partition_cache"):
-            model.empty_partition_cache()  # see ClassifyTask.score
         return metrics_of(sums)
-
-    def _batches(self, examples: list[Example], rank: int = 0, world: int = 1) -> list[dict]:
-        return evaluation_batches(
-            examples,
-            rank=rank,
-            world_size=world,
-            batch_size=self.cfg.train.micro_batch_size,
-            pad_id=self.tokenizer.pad_id,
-        )
 
     def on_log(self) -> None:
         for key, value in self.train_set.counters.items():

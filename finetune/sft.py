@@ -24,7 +24,7 @@ from finetune.config import PeftSection, SFTConfig
 from finetune.data import SFTEncoder, read_sft_sets
 from finetune.peft_setup import export_model, load_parent, trainable_parameters
 from launcher.checkpoint import read_manifest, verify
-from launcher.data.batches import ExampleStream, evaluation_batches
+from launcher.data.batches import ExampleStream
 from launcher.data.packing import IGNORE
 from launcher.data.tokenizer import TextTokenizer
 from launcher.errors import UserError
@@ -125,15 +125,7 @@ class SFTTask(Task):
         if self.validation is None:
             return {}
         rt = self.runtime
-        batches = evaluation_batches(
-            self.validation.examples,
-            rank=rt.rank,
-            world_size=rt.world_size,
-            batch_size=self.cfg.train.micro_batch_size,
-            pad_id=self.tokenizer.pad_id,
-        )
-        if self.cfg.eval.max_batches is not None:
-            batches = batches[: self.cfg.eval.max_batches]
+        batches = self.validation_batches(self.validation.examples, self.tokenizer.pad_id)
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
         for batch in batches:
             batch = {k: v.to(rt.device) for k, v in batch.items()}

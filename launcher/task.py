@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from launcher.data.batches import evaluation_batches
+from launcher.data.examples import Example
 from launcher.errors import UserError
 from launcher.optim import param_groups
 from launcher.run_config import RunConfig
@@ -121,6 +123,18 @@ class Task(ABC):
     def on_log(self) -> None:
         """Called on every rank before metrics are written: ``record`` stage counters here."""
         return None
+
+    def validation_batches(self, examples: list[Example], pad_id: int) -> list[dict]:
+        """This rank's padded micro-batches of a validation set (every rank the same number:
+        ``launcher.data.batches.evaluation_batches``), at most ``eval.max_batches``."""
+        batches = evaluation_batches(
+            examples,
+            rank=self.runtime.rank,
+            world_size=self.runtime.world_size,
+            batch_size=self.cfg.train.micro_batch_size,
+            pad_id=pad_id,
+        )
+        return batches[: self.cfg.eval.max_batches]
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation metrics (computed on every rank, reduced by the task). Default: none."""
