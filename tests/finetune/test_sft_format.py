@@ -44,7 +44,8 @@ def test_a_parent_padding_with_eos_learns_to_stop(shared_data, format_data, tmp_
     never train the end of turn, and the model would never stop."""
     neo = shared_data / "tokenizers" / "gpt-neo-test-tokenizer.json"
     run(tmp_path, "neo", f"tokenizer.path={neo}", "tokenizer.pad_token=<|endoftext|>",
-        "model.vocab_size=50304", "train.max_steps=10", "checkpoint.every=null", nproc=1)  # fmt: skip
+        "model.vocab_size=50304", "train.max_steps=10", "checkpoint.every=null",
+        nproc=1)  # fmt: skip
     parent = tmp_path / "neo" / "hf"
     train, validation = format_data
     before = score(parent, validation)
