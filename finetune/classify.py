@@ -33,6 +33,7 @@ from finetune.classify_model import (
     layer_groups,
     load_classifier,
 )
+from finetune.peft_setup import checkpoint_merge_refusal
 from launcher.callbacks import Checkpoint, Evaluate, Log
 from launcher.data.batches import ExampleStream
 from launcher.data.records import CorpusError
@@ -280,4 +281,5 @@ STAGE = Stage(
     help="fine-tune a model (init.path) to classify texts",
     distributed=True,
     export=export_checkpoint,
+    merge_refusal=checkpoint_merge_refusal,
 )

@@ -83,6 +83,13 @@ def export_model(
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [m for m in missing if not (tied and m.endswith("lm_head.weight"))]
+    # one tensor under two names (prefix tuning's word_embeddings is the base embedding):
+    # a checkpoint stores it once, under either name
+    state = model.state_dict(keep_vars=True)
+    aliases: dict[int, set[str]] = {}
+    for name, tensor in state.items():
+        aliases.setdefault(id(tensor), set()).add(name)
+    missing = [m for m in missing if not aliases[id(state[m])] & weights.keys()]
     if missing or unexpected:
         raise KeyError(f"export: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
@@ -97,11 +104,22 @@ def export_model(
     model.generation_config.save_pretrained(out)
 
 
-def refuse_merge(cfg: PeftSection | None) -> str | None:
-    """Why a merged export is impossible for ``cfg`` (None: it is possible)."""
-    if cfg is not None and cfg.method in ("prefix", "prompt"):
+def refuse_merge(method: str | None) -> str | None:
+    """Why a merged export is impossible for adapters of ``method`` (None: it is possible)."""
+    if method in ("prefix", "prompt"):
         return (
-            f"peft.method={cfg.method}: virtual tokens are inputs, not weights of the base "
-            "model, so they cannot be merged; load the adapter with peft instead"
+            f"peft.method={method}: virtual tokens are inputs, not weights of the base "
+            "model, so they cannot be merged; the export writes the adapter alone (load it "
+            "with peft.PeftModel.from_pretrained on the parent)"
         )
     return None
+
+
+def checkpoint_merge_refusal(folder: Path) -> str | None:
+    """``refuse_merge`` for a checkpoint folder, from the ``peft`` section of its saved
+    config.yaml (``Stage.merge_refusal`` of the stages with adapters: SFT, classification)."""
+    import yaml
+
+    saved = yaml.safe_load((Path(folder) / "config.yaml").read_text()) or {}
+    peft = saved.get("peft")
+    return refuse_merge(peft.get("method", "lora")) if peft else None

@@ -22,7 +22,12 @@ from torch import nn
 from finetune.chat import DEFAULT_TEMPLATE
 from finetune.config import PeftSection, SFTConfig
 from finetune.data import SFTEncoder, read_sft_sets
-from finetune.peft_setup import export_model, load_parent, trainable_parameters
+from finetune.peft_setup import (
+    checkpoint_merge_refusal,
+    export_model,
+    load_parent,
+    trainable_parameters,
+)
 from launcher.checkpoint import read_manifest, verify
 from launcher.data.batches import ExampleStream
 from launcher.data.packing import IGNORE
@@ -258,4 +263,5 @@ STAGE = Stage(
     help="supervised fine-tuning (chats, prompt/completion; full or LoRA/prefix/prompt)",
     distributed=True,
     export=export_checkpoint,
+    merge_refusal=checkpoint_merge_refusal,
 )

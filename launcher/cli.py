@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str]) -> int:
-    """`kiln export CHECKPOINT --out DIR [--dtype bf16|fp32]`."""
+    """`kiln export CHECKPOINT --out DIR [--dtype bf16|fp32] [--merge]`."""
     import torch
 
     from launcher.checkpoint import newest, read_manifest
@@ -79,6 +79,12 @@ def export_main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", required=True, help="the HF model directory to write")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="insist on one plain model with any adapters merged (LoRA); refused, with the "
+        "reason, for adapters that cannot be merged (prefix and prompt tuning)",
+    )
     args = parser.parse_args(argv)
     console.setup()
     folder = Path(args.checkpoint)
@@ -91,6 +97,9 @@ def export_main(argv: list[str]) -> int:
         stage = find_stage(read_manifest(folder)["meta"].get("stage", "pretrain"))
         if stage.export is None:
             raise UserError(f"stage {stage.name} has no export")
+        refusal = stage.merge_refusal(folder) if args.merge and stage.merge_refusal else None
+        if refusal is not None:
+            raise UserError(f"--merge refused for {folder}: {refusal}")
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         stage.export(folder, Path(args.out), dtype)
     except (UserError, KeyError) as exc:

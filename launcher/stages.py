@@ -28,6 +28,9 @@ class Stage:
     """Runs in several processes (through `accelerate launch`) when asked for."""
     export: Callable[[Path, Path, Any], Any] | None = None
     """Checkpoint folder -> plain HF directory (`kiln export`)."""
+    merge_refusal: Callable[[Path], str | None] | None = None
+    """Why a checkpoint folder cannot be exported as one plain model with its adapters merged
+    (`kiln export --merge`), or None when it can; unset: every export is a plain model."""
     plan: Callable[[list[str]], int] | None = None
     """`kiln plan ARGS`: the memory planner of the stage's model, if it has one."""
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,3 +119,46 @@ def test_lora_under_zero3_on_two_ranks(parent, tmp_path):
     run_sft(tmp_path, "lora3", parent, data, *LORA, "dist.zero_stage=3", nproc=2)
     assert {m["dist/world_size"] for m in metrics(tmp_path, "lora3")} == {2.0}
     check_lora_run(parent, tmp_path / "lora3", PeftSection(r=4, alpha=8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_virtual_token_tuning_exports_its_adapter_and_refuses_merge(parent, tmp_path, method):
+    """Prefix / prompt tuning (prompt with activation checkpointing): the export is the
+    adapter alone, which peft loads on the parent to give the trained model's logits;
+    `kiln export --merge` is refused with the reason, and exit 1."""
+    data = write_jsonl(tmp_path / "chats.jsonl", varied_chats(12))
+    peft = f"peft={{method: {method}, num_virtual_tokens: 4}}"
+    extra = ["train.activation_checkpointing=true"] if method == "prompt" else []
+    run_sft(tmp_path, method, parent, data, peft, *LORA[1:], "dist.zero_stage=0", *extra)
+    hf = tmp_path / method / "hf"
+    assert (hf / "adapter_config.json").is_file() and not (hf / "model.safetensors").exists()
+    assert metrics(tmp_path, method)[-1]["model/trainable_params"] > 0
+
+    cfg = PeftSection(method=method, num_virtual_tokens=4)
+    (folder,) = sorted((tmp_path / method / "checkpoints").glob("step-*"))
+    saved = {}
+    for path in folder.glob("model-*.safetensors"):
+        saved |= load_file(str(path))
+    trained = load_parent(parent, cfg, seed=0).eval()
+    trained.load_state_dict(saved, strict=False)
+    untrained = load_parent(parent, cfg, seed=1234).eval()
+    base = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, hf).eval()
+    ids = torch.tensor([list(range(3, 30))])
+    with torch.no_grad():
+        want, got = trained(input_ids=ids).logits, loaded(input_ids=ids).logits
+        assert (want - got).abs().max() < 1e-5
+        assert (untrained(input_ids=ids).logits - got).abs().max() > 1e-3  # it was trained
+
+    def export(*flags: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "launcher", "export", str(folder), *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    refused = export("--out", str(tmp_path / "merged"), "--merge")
+    assert refused.returncode == 1 and not (tmp_path / "merged").exists()
+    assert f"peft.method={method}: virtual tokens are inputs" in refused.stderr
+    assert "cannot be merged" in refused.stderr
+    done = export("--out", str(tmp_path / "again"), "--dtype", "fp32")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "again" / "adapter_config.json").is_file()
