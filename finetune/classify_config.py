@@ -14,20 +14,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from finetune.config import ParentTokenizer
 from launcher.config import Section
 from launcher.data.examples import ExampleSource
 from launcher.run_config import BestSection, RunConfig
-
-
-class ClassifyTokenizer(Section):
-    """The parent's tokenizer (``init.path``), its special tokens named when they are not
-    found by name (a BERT tokenizer: ``eos_token: "[SEP]"``)."""
-
-    eos_token: str | None = None
-    bos_token: str | None = None
-    pad_token: str | None = None
-    """Padding token; a decoder needs one distinct from the end-of-text token (it pools the
-    last token that is not padding)."""
 
 
 class ClassifyData(Section):
@@ -102,7 +92,7 @@ class ClassifySection(Section):
 
 
 class ClassifyConfig(RunConfig):
-    tokenizer: ClassifyTokenizer = ClassifyTokenizer()
+    tokenizer: ParentTokenizer = ParentTokenizer()
     data: ClassifyData
     classify: ClassifySection = ClassifySection()
 

@@ -34,6 +34,17 @@ class SFTDataSection(Section):
     """A seeded permutation of the examples each epoch."""
 
 
+class ParentTokenizer(Section):
+    """The parent's tokenizer (``init.path``), its special tokens named when they are not
+    found by name (a BERT tokenizer: ``eos_token: "[SEP]"``)."""
+
+    eos_token: str | None = None
+    bos_token: str | None = None
+    pad_token: str | None = None
+    """Padding token, of the vocabulary; a decoder that scores or classifies needs one
+    distinct from the end-of-text token (it pools the last token that is not padding)."""
+
+
 class ChatSection(Section):
     template: Literal["default", "tokenizer"] = "default"
     """default: plain-text role headers, the tokenizer's EOS ends each turn (no new tokens);

@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 from transformers import AutoConfig
 
-from finetune.classify_data import require_distinct_pad
+from finetune.classify_data import load_tokenizer, require_distinct_pad
 from finetune.reward_config import RewardConfig
 from finetune.reward_data import PairEncoder, read_pair_sets
 from finetune.reward_model import (
@@ -55,7 +55,7 @@ class RewardTask(Task):
     def __init__(self, cfg: RewardConfig, runtime: Runtime):
         super().__init__(cfg, runtime)
         self.parent = Path(cfg.init.path)
-        self.tokenizer = TextTokenizer.load(self.parent)
+        self.tokenizer = load_tokenizer(cfg)
         require_distinct_pad(self.tokenizer)
         self.template = None
         if cfg.chat.template == "tokenizer":

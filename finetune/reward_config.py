@@ -15,7 +15,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.config import ChatSection, HoldOut, PeftSection, parent_max_positions
+from finetune.config import (
+    ChatSection,
+    HoldOut,
+    ParentTokenizer,
+    PeftSection,
+    parent_max_positions,
+)
 from launcher.config import Section
 from launcher.data.examples import ExampleSource
 from launcher.run_config import BestSection, RunConfig
@@ -47,6 +53,7 @@ class RewardSection(Section):
 
 
 class RewardConfig(RunConfig):
+    tokenizer: ParentTokenizer = ParentTokenizer()
     data: RewardData
     chat: ChatSection = ChatSection()
     peft: PeftSection | None = None

@@ -27,3 +27,16 @@ def pretrained(tmp_path_factory) -> Path:
     hf = root / "parent" / "hf"
     assert (hf / "config.json").exists() and (hf / "tokenizer.json").exists()
     return hf
+
+
+@pytest.fixture(scope="session")
+def neo_pretrained(tmp_path_factory, shared_data) -> Path:
+    """A parent whose tokenizer pads with its end-of-text token, as brought tokenizers without
+    a pad token do: GPT-Neo's (50k tokens, with an unused ``<|padding|>``) with
+    ``tokenizer.pad_token=<|endoftext|>``, 10 steps of the real pretraining stage."""
+    root = tmp_path_factory.mktemp("neo")
+    neo = shared_data / "tokenizers" / "gpt-neo-test-tokenizer.json"
+    run(root, "neo", f"tokenizer.path={neo}", "tokenizer.pad_token=<|endoftext|>",
+        "model.vocab_size=50304", "train.max_steps=10", "checkpoint.every=null",
+        nproc=1)  # fmt: skip
+    return root / "neo" / "hf"

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from finetune.format_task import score
-from tests.launcher.runs import run
 
 from .sft_fixtures import run_sft, write_format_task
 
@@ -39,17 +38,12 @@ def test_format_task_is_learned_within_two_minutes(pretrained, format_data, tmp_
 
 
 @pytest.mark.slow
-def test_a_parent_padding_with_eos_learns_to_stop(shared_data, format_data, tmp_path):
+def test_a_parent_padding_with_eos_learns_to_stop(neo_pretrained, format_data, tmp_path):
     """GPT-Neo's tokenizer with pad = EOS: a trainer that derived labels from pad ids would
     never train the end of turn, and the model would never stop."""
-    neo = shared_data / "tokenizers" / "gpt-neo-test-tokenizer.json"
-    run(tmp_path, "neo", f"tokenizer.path={neo}", "tokenizer.pad_token=<|endoftext|>",
-        "model.vocab_size=50304", "train.max_steps=10", "checkpoint.every=null",
-        nproc=1)  # fmt: skip
-    parent = tmp_path / "neo" / "hf"
     train, validation = format_data
-    before = score(parent, validation)
-    run_sft(tmp_path, "neo-sft", parent, train, *NO_VALIDATION,
+    before = score(neo_pretrained, validation)
+    run_sft(tmp_path, "neo-sft", neo_pretrained, train, *NO_VALIDATION,
             "train.epochs=null", "train.max_steps=40")  # fmt: skip
     after = score(tmp_path / "neo-sft" / "hf", validation)
     print(f"pad == EOS: before {before}, after {after}")
