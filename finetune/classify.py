@@ -14,7 +14,6 @@ the exported model and by the parent with the untrained head.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,34 +40,8 @@ from launcher.metrics import record
 from launcher.runner import run_stage
 from launcher.runtime import Runtime
 from launcher.stages import Stage
+from launcher.stepping import StepContext
 from launcher.task import Task
-
-
-class EpochStream(ExampleStream):
-    """An ``ExampleStream`` that tells the task the epoch of each optimizer step's first
-    micro-batch before it is trained (gradual unfreezing sets the groups' scales then: the
-    loop reads them when the step starts)."""
-
-    def __init__(self, *args, accum: int, on_step: Callable[[int], None], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.accum, self.on_step, self._drawn = accum, on_step, 0
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        inner = super().__iter__()
-        while True:
-            if self._drawn % self.accum == 0:
-                self.on_step(self.epoch)
-            batch = next(inner)
-            self._drawn += 1
-            yield batch
-
-    def rewind(self, position: tuple[int, int]) -> None:
-        super().rewind(position)
-        self._drawn = 0
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        super().load_state_dict(states)
-        self._drawn = 0
 
 
 class ClassifyTask(Task):
@@ -93,15 +66,13 @@ class ClassifyTask(Task):
         self.head: list[str] = []
         self.last_confusion: np.ndarray | None = None
         self._counted = False
-        self.stream = EpochStream(
+        self.stream = ExampleStream(
             self.sets.splits["train"],
             batch_size=cfg.train.micro_batch_size,
             rank=runtime.rank,
             world_size=runtime.world_size,
             seed=cfg.run.seed,
             pad_id=self.tokenizer.pad_id,
-            accum=cfg.grad_accum_steps,
-            on_step=self._on_step,
         )
 
     # ----------------------------------------------------------------------------- model
@@ -129,13 +100,18 @@ class ClassifyTask(Task):
         apply_unfreezing(self.groups, 0, c.unfreeze_every)
         return self.groups
 
-    def _on_step(self, epoch: int) -> None:
-        if self.cfg.classify.unfreeze_every is not None:
-            apply_unfreezing(self.groups, epoch, self.cfg.classify.unfreeze_every)
+    def train_step(self, step: StepContext, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Gradual unfreezing: the groups' scales of this step's epoch (the loop's epochs,
+        which evaluation and early stopping count too), set before the optimizer step reads
+        them; then the default step."""
+        every = self.cfg.classify.unfreeze_every
+        if every is not None:
+            apply_unfreezing(self.groups, step.state.step // self.steps_per_epoch(), every)
+        step.optimize(batches)
 
     # ------------------------------------------------------------------------------ data
 
-    def train_batches(self) -> EpochStream:
+    def train_batches(self) -> ExampleStream:
         return self.stream
 
     def steps_per_epoch(self) -> int:
