@@ -3,11 +3,15 @@ session by the real pretraining stage (1 process) and exported as a plain HF dir
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.launcher.runs import run
+
+from .sft_fixtures import run_sft, write_format_task
 
 PRETRAIN_STEPS = 40
 
@@ -40,3 +44,24 @@ def neo_pretrained(tmp_path_factory, shared_data) -> Path:
         "model.vocab_size=50304", "train.max_steps=10", "checkpoint.every=null",
         nproc=1)  # fmt: skip
     return root / "neo" / "hf"
+
+
+@dataclass(frozen=True)
+class FormatRun:
+    """`kiln sft` of ``pretrained`` on the format task with `configs/finetune/sft-tiny.yaml`'s
+    settings (4 epochs of 2000 chats, no validation), and the data: 50 held-out chats."""
+
+    train: Path
+    validation: Path
+    hf: Path
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def sft_format(tmp_path_factory, pretrained) -> FormatRun:
+    """The chain's second link: the SFT model the format test scores and DPO starts from."""
+    root = tmp_path_factory.mktemp("sft-format")
+    train, validation = write_format_task(root / "data")
+    started = time.time()
+    run_sft(root, "format", pretrained, train, "data.validation=null", "checkpoint.every=null")
+    return FormatRun(train, validation, root / "format" / "hf", time.time() - started)

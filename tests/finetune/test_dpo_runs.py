@@ -1,6 +1,7 @@
-"""A real `kiln dpo` run on the pretrained tiny parent: the first step's loss is ln 2 (policy
-== reference), bad records are counted, held-out implicit-reward accuracy rises, the export
-is a causal LM with the run's tokenizer."""
+"""A real `kiln dpo` run on the SFT model of the format task (the session's ``sft_format``: the
+chain pretrain -> SFT -> DPO): the first step's loss is ln 2 (policy == reference), bad records
+are counted, held-out implicit-reward accuracy reaches 0.8 within 200 steps, the export is a
+causal LM with the run's tokenizer."""
 
 from __future__ import annotations
 
@@ -20,15 +21,15 @@ BAD_LINES = ['{"prompt": "x", "chosen": "y"}\n', "not json\n", '{"prompt": "x"']
 
 
 @pytest.mark.slow
-def test_dpo_learns_the_synthetic_preferences(pretrained, tmp_path):
+def test_dpo_learns_the_synthetic_preferences(sft_format, tmp_path):
     data = tmp_path / "data"
-    train, validation = write_preferences(data, train=400, validation=100)
+    train, validation = write_preferences(data, train=400, validation=100, chat=True)
     with open(train, "a") as f:
         f.writelines(BAD_LINES)
     done = kiln(
         tmp_path, "dpo", DPO_TINY, "--nproc", "1",
         f"run.output_dir={tmp_path}", "run.name=dpo", f"run.seed={SEED}",
-        f"init.path={pretrained}", f"data.train=[{{paths: [{train}]}}]",
+        f"init.path={sft_format.hf}", f"data.train=[{{paths: [{train}]}}]",
         f"data.validation=[{{paths: [{validation}]}}]",
         "train.max_steps=200", "eval.every=200", "checkpoint.every=null", *QUIET,
     )  # fmt: skip
@@ -39,8 +40,7 @@ def test_dpo_learns_the_synthetic_preferences(pretrained, tmp_path):
     assert last["data/skipped_missing_response"] == 1 and last["data/skipped_invalid_json"] == 2
     accuracy = [m["eval/accuracy"] for m in rows if "eval/accuracy" in m][-1]
     print(f"held-out implicit-reward accuracy after 200 steps: {accuracy:.4f}")
-    # issue 17 targets 0.8; 200 steps of dpo-tiny.yaml reach 0.69 here (0.5: chance, 0: step 0)
-    assert accuracy >= 0.65, done.stdout[-2000:]
+    assert accuracy >= 0.80, done.stdout[-2000:]  # 0.5: chance (0 at step 0: all ties)
     hf = tmp_path / "dpo" / "hf"
     assert json.loads((hf / "tokenizer_config.json").read_text()).get("chat_template")
     assert AutoModelForCausalLM.from_pretrained(hf).config.architectures == ["LlamaForCausalLM"]
