@@ -78,6 +78,35 @@ def kiln_run(
     return lines
 
 
+def stage_run(stage: str, config: Path, out: Path, run: str, *overrides: str) -> list[dict]:
+    """`python -m launcher STAGE CONFIG --nproc 1` of any stage, run ``run`` under ``out``
+    (fresh: no resume); its metrics lines that carry a throughput (one per step with
+    ``metrics.log_every=1``). Asserts world size 1, as ``kiln_run`` does."""
+    cmd = [sys.executable, "-m", "launcher", stage, str(config), "--nproc", "1"]
+    cmd += [f"run.output_dir={out}", f"run.name={run}", "checkpoint.resume=none", *overrides]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    done = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{run} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    lines = [json.loads(x) for x in (out / run / "metrics.jsonl").open()]
+    lines = [m for m in lines if "throughput/tokens_per_s" in m]
+    assert {m["dist/world_size"] for m in lines} == {1.0}, f"{run}: wrong world size"
+    return lines
+
+
+def line_intervals(lines: list[dict]) -> list[tuple[float, float]]:
+    """(tokens, seconds) of the interval each metrics line of a fresh run closes: the tokens it
+    added to ``train/tokens_seen`` and those / its ``throughput/tokens_per_s``. With
+    ``metrics.log_every=1`` an interval is one whole step of the loop, whatever its tokens
+    (fine-tuning batches differ; ``step_seconds`` needs a fixed number)."""
+    seen, out = 0.0, []
+    for m in lines:
+        tokens = m["train/tokens_seen"] - seen
+        out.append((tokens, tokens / m["throughput/tokens_per_s"]))
+        seen = m["train/tokens_seen"]
+    return out
+
+
 def step_seconds(lines: list[dict], tokens_per_step: int) -> list[float]:
     """Seconds per step from per-step metrics (log_every=1): tokens per step / tokens per s."""
     return [tokens_per_step / m["throughput/tokens_per_s"] for m in lines]
@@ -124,8 +153,8 @@ def plain_steps(config: Path, steps: int, micro: int, seq: int, compile: bool = 
     return times
 
 
-def in_subprocess(script: str, *args: str) -> list[float]:
-    """Run ``script --worker ...`` in a fresh process; it prints a JSON list last."""
+def in_subprocess(script: str, *args: str) -> list | dict:
+    """Run ``script --worker ...`` in a fresh process; it prints a JSON list (or object) last."""
     cmd = [sys.executable, script, *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     if done.returncode:
