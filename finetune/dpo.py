@@ -23,7 +23,7 @@ from finetune.dpo_config import DPOConfig, DPOSection
 from finetune.peft_setup import load_parent, trainable_parameters
 from finetune.reward_data import PairEncoder, read_pair_sets
 from finetune.sft import SFTTask, export_checkpoint
-from launcher.data.batches import ExampleStream
+from launcher.data.batches import ExampleStream, evaluation_batches
 from launcher.data.packing import IGNORE
 from launcher.data.tokenizer import TextTokenizer
 from launcher.errors import UserError
@@ -119,10 +119,43 @@ class DPOTask(Task):
         return model
 
     def on_engine(self, engine: nn.Module) -> None:
-        """The frozen reference: the parent again (full fine-tuning), none with LoRA."""
+        """The frozen reference: the parent again (full fine-tuning), none with LoRA; with
+        ``dpo.reference: precompute`` it scores every pair now and is freed."""
+        mode = self.cfg.dpo.reference
+        if mode == "none":
+            return
         if self.cfg.peft is None:
             parent = load_parent(self.parent, None, self.cfg.run.seed)
             self.reference = self.runtime.prepare_frozen(parent)
+        if mode == "precompute":
+            self._precompute(engine, self.train_set.examples)
+            if self.validation is not None:
+                self._precompute(engine, self.validation.examples)
+            self.reference = None
+
+    def _precompute(self, engine: nn.Module, examples: list) -> None:
+        """The reference's summed log-probs of every pair, into each chosen and rejected
+        example's ``ref_logps`` extra (so batches carry them as ``ref_logps`` and
+        ``rejected_ref_logps``). Each rank scores its share in the order of
+        ``evaluation_batches`` (the same number of forwards on every rank: ZeRO-3 gathers);
+        one all-reduce gives every rank every value, since any rank may draw any pair."""
+        rt, size = self.runtime, self.cfg.train.micro_batch_size
+        batches = evaluation_batches(
+            examples, rank=rt.rank, world_size=rt.world_size, batch_size=size,
+            pad_id=self.tokenizer.pad_id,
+        )  # fmt: skip
+        values = torch.zeros(2, len(examples), dtype=torch.float64, device=rt.device)
+        with torch.no_grad(), self._reference(engine) as ref_model:
+            for j, batch in enumerate(batches):
+                batch = {k: v.to(rt.device) for k, v in batch.items()}
+                start = (rt.rank + j * rt.world_size) * size  # the chunk evaluation_batches cut
+                n = int(batch["example_mask"].sum())  # real rows come first; fillers: none
+                ref = torch.stack([sequence_logps(ref_model, batch, p)[0] for p in SIDES])
+                values[:, start : start + n] = ref[:, :n].double()
+        rt.all_reduce(values)  # every pair was scored by exactly one rank
+        for example, chosen, rejected in zip(examples, *values.tolist(), strict=True):
+            example.extras["ref_logps"] = chosen
+            example.extras["rejected"].extras["ref_logps"] = rejected
 
     @contextlib.contextmanager
     def _reference(self, model: nn.Module):
@@ -155,8 +188,14 @@ class DPOTask(Task):
     def pair_terms(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """(per-pair losses [B], policy log-probs, reference log-probs, lengths)."""
         pi = [sequence_logps(model, batch, p) for p in SIDES]
-        with torch.no_grad(), self._reference(model) as ref_model:
-            ref = [sequence_logps(ref_model, batch, p)[0] for p in SIDES]
+        mode = self.cfg.dpo.reference
+        if mode == "precompute":
+            ref = [batch[f"{p}ref_logps"].to(pi[0][0]) for p in SIDES]
+        elif mode == "none":
+            ref = [torch.zeros_like(pi[0][0]) for _ in SIDES]
+        else:
+            with torch.no_grad(), self._reference(model) as ref_model:
+                ref = [sequence_logps(ref_model, batch, p)[0] for p in SIDES]
         logps = (pi[0][0], pi[1][0])
         lengths = (pi[0][1], pi[1][1])
         return dpo_losses(logps, tuple(ref), lengths, self.cfg.dpo), logps, ref, lengths

@@ -26,6 +26,11 @@ class DPOSection(Section):
     """``loss: robust`` only: the assumed share of flipped preference labels."""
     nll_coef: float = Field(0.0, ge=0)
     """Adds ``nll_coef`` x the chosen response's mean token NLL per pair (TRL's rpo_alpha)."""
+    reference: Literal["model", "precompute", "none"] = "model"
+    """model: the reference scores every batch (a frozen copy of the parent, or with LoRA the
+    actor with its adapters disabled); precompute: it scores every training and validation
+    pair once before training, the copy is then freed (TRL's precompute_ref_log_probs); none:
+    reference-free DPO, log ref = 0 (TRL's reference_free)."""
 
 
 class DPOConfig(RunConfig):

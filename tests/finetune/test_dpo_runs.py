@@ -44,3 +44,33 @@ def test_dpo_learns_the_synthetic_preferences(sft_format, tmp_path):
     hf = tmp_path / "dpo" / "hf"
     assert json.loads((hf / "tokenizer_config.json").read_text()).get("chat_template")
     assert AutoModelForCausalLM.from_pretrained(hf).config.architectures == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_precomputed_and_absent_references(pretrained, tmp_path):
+    """``dpo.reference: precompute`` (the pairs scored once before training, on 2 ZeRO-3 ranks
+    each scoring its share) gives the losses of a reference scoring every batch; ``none``
+    (reference-free) trains from a first loss that is not ln 2."""
+    train, validation = write_preferences(tmp_path / "data", train=48, validation=16)
+
+    def run(name: str, *extra: str, nproc: int = 1) -> dict[int, float]:
+        kiln(
+            tmp_path, "dpo", DPO_TINY, "--nproc", str(nproc),
+            f"run.output_dir={tmp_path}", f"run.name={name}", f"run.seed={SEED}",
+            f"init.path={pretrained}", f"data.train=[{{paths: [{train}]}}]",
+            f"data.validation=[{{paths: [{validation}]}}]", "train.max_steps=5",
+            "schedule.warmup_steps=0", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "eval.every=5", "checkpoint.every=null", "checkpoint.best=null", *QUIET, *extra,
+        )  # fmt: skip
+        rows = metrics(tmp_path / name)
+        assert {m["dist/world_size"] for m in rows if "dist/world_size" in m} == {float(nproc)}
+        return {m["step"]: m["train/loss"] for m in rows if "train/loss" in m}
+
+    model = run("model")
+    precomputed = run("pre", "dpo.reference=precompute", "dist.zero_stage=3", nproc=2)
+    assert sorted(model) == sorted(precomputed) == [1, 2, 3, 4, 5]
+    for step in model:
+        assert precomputed[step] == pytest.approx(model[step], rel=1e-5), step
+    free = run("free", "dpo.reference=none")
+    assert abs(free[1] - math.log(2)) > 1e-3 and free[5] < free[1]
