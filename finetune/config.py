@@ -102,3 +102,33 @@ def parent_max_positions(folder: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, int) else None
+
+
+def pair_stage_problems(cfg, stage: str, kinds: tuple[str, ...], wanted: str):
+    """The config problems the reward and DPO stages share: ``init.path`` set, an HF directory
+    with a tokenizer whose architecture ends with one of ``kinds`` (``wanted`` describes them
+    in the message), LoRA as the only PEFT method, ``data.max_seq_len`` within the parent's
+    positions. Yields (key, message)."""
+    if cfg.init.path is None:
+        yield "init.path", "required: the HF model directory (SFT or pretraining export)"
+        return
+    if cfg.peft is not None and cfg.peft.method != "lora":
+        yield "peft.method", f"{cfg.peft.method}: the {stage} stage supports lora only"
+    folder = Path(cfg.init.path)
+    if not (folder / "config.json").is_file():
+        return  # InitSection reports it
+    if not (folder / "tokenizer.json").is_file():
+        yield "init.path", f"{folder}: no tokenizer.json (the stage needs its tokenizer)"
+    try:
+        found = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except ValueError as exc:
+        yield "init.path", f"{folder / 'config.json'}: not JSON ({exc})"
+        return
+    if not any(a.endswith(kinds) for a in found):
+        yield "init.path", f"{folder / 'config.json'}: architecture {found or 'none'} is {wanted}"
+    limit = parent_max_positions(folder)
+    if limit is not None and cfg.data.max_seq_len > limit:
+        yield (
+            "data.max_seq_len",
+            f"{cfg.data.max_seq_len} is over the model's max_position_embeddings ({limit})",
+        )

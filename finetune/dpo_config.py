@@ -3,14 +3,12 @@ plus ``dpo`` (the loss). The parent must be a causal LM (an SFT or pretraining e
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.config import ChatSection, PeftSection, parent_max_positions
+from finetune.config import ChatSection, PeftSection, pair_stage_problems
 from finetune.reward_config import RewardData
 from launcher.config import Section
 from launcher.run_config import BestSection, RunConfig
@@ -50,29 +48,4 @@ class DPOConfig(RunConfig):
 
     def problems(self) -> Iterable[tuple[str, str]]:
         yield from super().problems()
-        if self.init.path is None:
-            yield "init.path", "required: the HF causal LM directory (SFT or pretraining export)"
-            return
-        if self.peft is not None and self.peft.method != "lora":
-            yield "peft.method", f"{self.peft.method}: the dpo stage supports lora only"
-        folder = Path(self.init.path)
-        if not (folder / "config.json").is_file():
-            return  # InitSection reports it
-        if not (folder / "tokenizer.json").is_file():
-            yield "init.path", f"{folder}: no tokenizer.json (the stage needs its tokenizer)"
-        try:
-            found = json.loads((folder / "config.json").read_text()).get("architectures") or []
-        except ValueError as exc:
-            yield "init.path", f"{folder / 'config.json'}: not JSON ({exc})"
-            return
-        if not any(a.endswith("ForCausalLM") for a in found):
-            yield (
-                "init.path",
-                f"{folder / 'config.json'}: architecture {found or 'none'} is not a causal LM",
-            )
-        limit = parent_max_positions(folder)
-        if limit is not None and self.data.max_seq_len > limit:
-            yield (
-                "data.max_seq_len",
-                f"{self.data.max_seq_len} is over the model's max_position_embeddings ({limit})",
-            )
+        yield from pair_stage_problems(self, "dpo", ("ForCausalLM",), "not a causal LM")

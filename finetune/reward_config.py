@@ -8,9 +8,7 @@ found is named), PEFT other than LoRA, a ``max_seq_len`` over the parent's posit
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -20,7 +18,7 @@ from finetune.config import (
     HoldOut,
     ParentTokenizer,
     PeftSection,
-    parent_max_positions,
+    pair_stage_problems,
 )
 from launcher.config import Section
 from launcher.data.examples import ExampleSource
@@ -69,30 +67,10 @@ class RewardConfig(RunConfig):
 
     def problems(self) -> Iterable[tuple[str, str]]:
         yield from super().problems()
-        if self.init.path is None:
-            yield "init.path", "required: the HF model directory (SFT or pretraining export)"
-            return
-        if self.peft is not None and self.peft.method != "lora":
-            yield "peft.method", f"{self.peft.method}: the reward stage supports lora only"
-        folder = Path(self.init.path)
-        if not (folder / "config.json").is_file():
-            return  # InitSection reports it
-        if not (folder / "tokenizer.json").is_file():
-            yield "init.path", f"{folder}: no tokenizer.json (the stage needs its tokenizer)"
-        try:
-            found = json.loads((folder / "config.json").read_text()).get("architectures") or []
-        except ValueError as exc:
-            yield "init.path", f"{folder / 'config.json'}: not JSON ({exc})"
-            return
-        if not any(a.endswith(PARENT_KINDS) for a in found):
-            yield (
-                "init.path",
-                f"{folder / 'config.json'}: architecture {found or 'none'} is neither a "
-                "causal LM (*ForCausalLM) nor a sequence classifier (*ForSequenceClassification)",
-            )
-        limit = parent_max_positions(folder)
-        if limit is not None and self.data.max_seq_len > limit:
-            yield (
-                "data.max_seq_len",
-                f"{self.data.max_seq_len} is over the model's max_position_embeddings ({limit})",
-            )
+        yield from pair_stage_problems(
+            self,
+            "reward",
+            PARENT_KINDS,
+            "neither a causal LM (*ForCausalLM) nor a sequence classifier "
+            "(*ForSequenceClassification)",
+        )
