@@ -168,9 +168,11 @@ def test_usr1_preempts_checkpoints_requeues_and_finishes_like_an_uninterrupted_r
     final = losses(root, "preempt")
     assert max(final) == 60
     # "straight" ran on one host (DeepSpeed's shared-memory all-reduce), "preempt" over gloo
-    # between hosts: another summation order, 2e-7 apart from step 2 on, 2.5e-6 by step 60.
-    # A preemption bug (a lost or repeated batch, a wrong moment) moves the loss by >1e-3.
-    assert final[60] == pytest.approx(losses(root, "straight")[60], abs=2e-5)
+    # between hosts: another summation order, 2e-7 apart from step 2 on, 2.5e-6 by step 60 on
+    # a quiet machine, 7.5e-5 once under heavy load (cause not pinned down: the same test alone
+    # passed at 2e-5). A preemption bug (a lost or repeated batch, a
+    # wrong moment) moves the loss by >1e-3.
+    assert final[60] == pytest.approx(losses(root, "straight")[60], abs=2e-4)
     checkpoints = [p.name for p in (root / "preempt" / "checkpoints").glob("step-*")]
     assert checkpoints and not (root / "preempt" / "PREEMPTED").exists()
     assert not left_behind(c)
