@@ -47,7 +47,9 @@ def test_nproc_and_nodes_set_the_world_size_that_is_validated(in_tmp, capsys):
 def test_unknown_stage_lists_the_known_ones(capsys):
     assert main(["pretrian", TINY]) == 2
     err = capsys.readouterr().err
-    assert "unknown stage 'pretrian'; stages: classify, dpo, prepare, pretrain, reward, sft" in err
+    listed = err.split("unknown stage 'pretrian'; stages: ")[1].strip().split(", ")
+    assert listed == sorted(listed)  # every registered stage, in order (new ones too)
+    assert {"classify", "dpo", "prepare", "pretrain", "reward", "sft"} <= set(listed)
 
 
 def test_print_config_shows_the_resolved_config_and_writes_nothing(in_tmp, capsys):
