@@ -23,6 +23,7 @@ import jinja2
 
 from launcher.data.examples import Example
 from launcher.data.tokenizer import TextTokenizer
+from launcher.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
@@ -116,3 +117,17 @@ def _encode_rendered(
     encoding = _encode_parsing_specials(tokenizer, text)
     mask = [any(s <= a < e for s, e in spans) for a, _ in encoding.offsets]
     return Example(encoding.ids, mask, where=where)
+
+
+def chosen_template(setting: str, tokenizer: TextTokenizer, parent) -> str | None:
+    """The Jinja template ``chat.template`` asks for: None for ``default`` (the segment
+    encoding above), the parent tokenizer's own for ``tokenizer``. Raises ``UserError`` when
+    the parent's tokenizer_config.json has none."""
+    if setting != "tokenizer":
+        return None
+    if tokenizer.chat_template is None:
+        raise UserError(
+            f"chat.template=tokenizer: {parent}/tokenizer_config.json has no "
+            "chat_template; use chat.template: default"
+        )
+    return tokenizer.chat_template

@@ -11,22 +11,21 @@ disabled. The export is the SFT one (a causal LM with tokenizer and chat templat
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.chat import chosen_template
 from finetune.classify_data import require_distinct_pad
 from finetune.dpo_config import DPOConfig, DPOSection
-from finetune.peft_setup import load_parent, trainable_parameters
+from finetune.peft_setup import load_parent, reference_model, trainable_parameters
 from finetune.reward_data import PairEncoder, read_pair_sets
 from finetune.sft import SFTTask, export_checkpoint
 from launcher.data.batches import ExampleStream, evaluation_batches
 from launcher.data.packing import IGNORE
 from launcher.data.tokenizer import TextTokenizer
-from launcher.errors import UserError
 from launcher.forward import forward_logits
 from launcher.metrics import record
 from launcher.runner import run_stage
@@ -82,14 +81,7 @@ class DPOTask(Task):
         self.parent = Path(cfg.init.path)
         self.tokenizer = TextTokenizer.load(self.parent)
         require_distinct_pad(self.tokenizer)
-        self.template = None
-        if cfg.chat.template == "tokenizer":
-            self.template = self.tokenizer.chat_template
-            if self.template is None:
-                raise UserError(
-                    f"chat.template=tokenizer: {self.parent}/tokenizer_config.json has no "
-                    "chat_template; use chat.template: default"
-                )
+        self.template = chosen_template(cfg.chat.template, self.tokenizer, self.parent)
         encoder = PairEncoder(self.tokenizer, cfg.data.max_seq_len, "margin", self.template)
         self.train_set, self.validation = read_pair_sets(cfg.data, encoder, cfg.run.seed)
         self.stream = ExampleStream(
@@ -145,7 +137,7 @@ class DPOTask(Task):
             pad_id=self.tokenizer.pad_id,
         )  # fmt: skip
         values = torch.zeros(2, len(examples), dtype=torch.float64, device=rt.device)
-        with torch.no_grad(), self._reference(engine) as ref_model:
+        with torch.no_grad(), reference_model(self.reference, engine) as ref_model:
             for j, batch in enumerate(batches):
                 batch = {k: v.to(rt.device) for k, v in batch.items()}
                 start = (rt.rank + j * rt.world_size) * size  # the chunk evaluation_batches cut
@@ -156,15 +148,6 @@ class DPOTask(Task):
         for example, chosen, rejected in zip(examples, *values.tolist(), strict=True):
             example.extras["ref_logps"] = chosen
             example.extras["rejected"].extras["ref_logps"] = rejected
-
-    @contextlib.contextmanager
-    def _reference(self, model: nn.Module):
-        """The reference model: the frozen copy, or ``model`` with its adapters disabled."""
-        if self.reference is not None:
-            yield self.reference
-            return
-        with getattr(model, "module", model).disable_adapter():
-            yield model
 
     # ---------------------------------------------------------------------------- batches
 
@@ -194,7 +177,7 @@ class DPOTask(Task):
         elif mode == "none":
             ref = [torch.zeros_like(pi[0][0]) for _ in SIDES]
         else:
-            with torch.no_grad(), self._reference(model) as ref_model:
+            with torch.no_grad(), reference_model(self.reference, model) as ref_model:
                 ref = [sequence_logps(ref_model, batch, p)[0] for p in SIDES]
         logps = (pi[0][0], pi[1][0])
         lengths = (pi[0][1], pi[1][1])

@@ -14,7 +14,6 @@ detached: the ratio is exactly 1. The export is the SFT one (causal LM, tokenize
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.chat import generation_prompt
+from finetune.chat import chosen_template, generation_prompt
 from finetune.data import check_messages
 from finetune.grpo_config import GRPOConfig, import_reward
-from finetune.peft_setup import load_parent, trainable_parameters
+from finetune.peft_setup import load_parent, reference_model, trainable_parameters
 from finetune.rl_math import aggregate_loss, grpo_advantages, grpo_token_loss
 from finetune.sft import SFTTask, export_checkpoint
 from launcher.data.batches import ExampleStream
@@ -101,14 +100,7 @@ class GRPOTask(Task):
         super().__init__(cfg, runtime)
         self.parent = Path(cfg.init.path)
         self.tokenizer = TextTokenizer.load(self.parent)
-        self.template = None
-        if cfg.chat.template == "tokenizer":
-            self.template = self.tokenizer.chat_template
-            if self.template is None:
-                raise UserError(
-                    f"chat.template=tokenizer: {self.parent}/tokenizer_config.json has no "
-                    "chat_template; use chat.template: default"
-                )
+        self.template = chosen_template(cfg.chat.template, self.tokenizer, self.parent)
         self.reward_fn = import_reward(cfg.grpo.reward)
         max_prompt = cfg.data.max_seq_len - cfg.grpo.max_new_tokens
         encoder = PromptEncoder(self.tokenizer, max_prompt, self.template)
@@ -149,14 +141,6 @@ class GRPOTask(Task):
         if self.cfg.grpo.beta > 0 and self.cfg.peft is None:
             parent = load_parent(self.parent, None, self.cfg.run.seed)
             self.reference = self.runtime.prepare_frozen(parent)
-
-    @contextlib.contextmanager
-    def _reference(self, model: nn.Module):
-        if self.reference is not None:
-            yield self.reference
-            return
-        with getattr(model, "module", model).disable_adapter():
-            yield model
 
     # ---------------------------------------------------------------------------- batches
 
@@ -290,7 +274,7 @@ class GRPOTask(Task):
         old = batch.get("old_logp", logp.detach())
         ref = None
         if cfg.beta > 0:
-            with torch.no_grad(), self._reference(model) as reference:
+            with torch.no_grad(), reference_model(self.reference, model) as reference:
                 ref = self._token_logps(reference, batch)
         per_token = grpo_token_loss(
             logp, old, batch["advantages"], mask, cfg.epsilon, cfg.eps_high, cfg.beta, ref

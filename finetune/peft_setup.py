@@ -10,6 +10,7 @@ virtual tokens are not weights of the base model), so their adapter alone is wri
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -123,3 +124,14 @@ def checkpoint_merge_refusal(folder: Path) -> str | None:
     saved = yaml.safe_load((Path(folder) / "config.yaml").read_text()) or {}
     peft = saved.get("peft")
     return refuse_merge(peft.get("method", "lora")) if peft else None
+
+
+@contextlib.contextmanager
+def reference_model(frozen: nn.Module | None, model: nn.Module):
+    """The reference of DPO and GRPO: the frozen copy of the parent when there is one, else
+    the trained ``model`` (engine or module) with its LoRA adapters disabled."""
+    if frozen is not None:
+        yield frozen
+        return
+    with getattr(model, "module", model).disable_adapter():
+        yield model

@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 from transformers import AutoConfig
 
+from finetune.chat import chosen_template
 from finetune.classify_data import load_tokenizer, require_distinct_pad
 from finetune.reward_config import RewardConfig
 from finetune.reward_data import PairEncoder, read_pair_sets
@@ -36,7 +37,6 @@ from launcher.checkpoint import read_manifest, verify
 from launcher.data.batches import ExampleStream, evaluation_batches
 from launcher.data.examples import Example
 from launcher.data.tokenizer import TextTokenizer
-from launcher.errors import UserError
 from launcher.metrics import record
 from launcher.runner import run_stage
 from launcher.runtime import Runtime
@@ -57,14 +57,7 @@ class RewardTask(Task):
         self.parent = Path(cfg.init.path)
         self.tokenizer = load_tokenizer(cfg)
         require_distinct_pad(self.tokenizer)
-        self.template = None
-        if cfg.chat.template == "tokenizer":
-            self.template = self.tokenizer.chat_template
-            if self.template is None:
-                raise UserError(
-                    f"chat.template=tokenizer: {self.parent}/tokenizer_config.json has no "
-                    "chat_template; use chat.template: default"
-                )
+        self.template = chosen_template(cfg.chat.template, self.tokenizer, self.parent)
         encoder = PairEncoder(
             self.tokenizer, cfg.data.max_seq_len, cfg.reward.margin_field, self.template
         )

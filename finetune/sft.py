@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from finetune.chat import DEFAULT_TEMPLATE
+from finetune.chat import DEFAULT_TEMPLATE, chosen_template
 from finetune.config import PeftSection, SFTConfig
 from finetune.data import SFTEncoder, read_sft_sets
 from finetune.peft_setup import (
@@ -32,7 +32,6 @@ from launcher.checkpoint import read_manifest, verify
 from launcher.data.batches import ExampleStream
 from launcher.data.packing import IGNORE
 from launcher.data.tokenizer import TextTokenizer
-from launcher.errors import UserError
 from launcher.forward import forward_logits
 from launcher.metrics import record
 from launcher.runner import run_stage
@@ -54,14 +53,7 @@ class SFTTask(Task):
         super().__init__(cfg, runtime)
         self.parent = Path(cfg.init.path)
         self.tokenizer = TextTokenizer.load(self.parent)
-        self.template = None
-        if cfg.chat.template == "tokenizer":
-            self.template = self.tokenizer.chat_template
-            if self.template is None:
-                raise UserError(
-                    f"chat.template=tokenizer: {self.parent}/tokenizer_config.json has no "
-                    "chat_template; use chat.template: default"
-                )
+        self.template = chosen_template(cfg.chat.template, self.tokenizer, self.parent)
         encoder = SFTEncoder(self.tokenizer, cfg.data.max_seq_len, self.template)
         self.train_set, self.validation = read_sft_sets(cfg.data, encoder, cfg.run.seed)
         if runtime.is_main:

@@ -145,11 +145,9 @@ def test_trl_dpo_trainer_gives_kilns_loss(model, tiny_parent, tmp_path, loss):
 
 
 def test_lora_reference_is_the_actor_with_adapters_disabled(model, tiny_parent):
-    from types import SimpleNamespace
 
     from finetune.config import PeftSection
-    from finetune.dpo import DPOTask
-    from finetune.peft_setup import load_parent
+    from finetune.peft_setup import load_parent, reference_model
 
     actor = load_parent(tiny_parent, PeftSection(method="lora"), seed=0).eval()
     with torch.no_grad():  # LoRA B starts at zero: move it so the adapters change the output
@@ -158,7 +156,7 @@ def test_lora_reference_is_the_actor_with_adapters_disabled(model, tiny_parent):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     batch = pad_examples(PAIRS, TextTokenizer.load(tiny_parent).pad_id)
     with torch.no_grad():
-        with DPOTask._reference(SimpleNamespace(reference=None), actor) as ref:
+        with reference_model(None, actor) as ref:
             disabled = sequence_logps(ref, batch)[0]
         enabled = sequence_logps(actor, batch)[0]
         parent = sequence_logps(model, batch)[0]
