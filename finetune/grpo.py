@@ -64,6 +64,8 @@ class PromptEncoder:
     tokenizer: TextTokenizer
     max_prompt: int
     template: str | None = None
+    stage: str = "grpo"
+    """The config section whose ``max_new_tokens`` the length limit names."""
 
     def __call__(self, record: Record) -> Example | CorpusError:
         data = record.data
@@ -85,7 +87,7 @@ class PromptEncoder:
             return CorpusError("the prompt encodes to no token", kind="empty_prompt")
         if len(ids) > self.max_prompt:
             return CorpusError(
-                f"{len(ids)} prompt tokens, over data.max_seq_len - grpo.max_new_tokens "
+                f"{len(ids)} prompt tokens, over data.max_seq_len - {self.stage}.max_new_tokens "
                 f"({self.max_prompt})",
                 kind="prompt_too_long",
             )

@@ -22,12 +22,14 @@ from launcher.data.examples import ExampleSource
 from launcher.run_config import RunConfig
 
 
-class GRPOData(Section):
+class PromptData(Section):
+    """Prompts of the stages that sample their own responses (GRPO, PPO)."""
+
     train: list[ExampleSource] = Field(min_length=1)
     """Files of ``{prompt: str}`` or ``{messages: [...]}`` records (no final assistant turn)."""
     max_seq_len: int = Field(512, gt=1)
-    """Prompt plus completion; a prompt longer than ``max_seq_len - grpo.max_new_tokens`` is
-    skipped (``data/skipped_prompt_too_long``)."""
+    """Prompt plus completion; a prompt longer than ``max_seq_len - <stage>.max_new_tokens``
+    is skipped (``data/skipped_prompt_too_long``)."""
     on_error: Literal["skip", "raise"] = "skip"
     """A bad record: skip and count it (data/skipped_<kind>), or stop at the first one."""
     shuffle: bool = True
@@ -64,7 +66,7 @@ class GRPOSection(Section):
 
 
 class GRPOConfig(RunConfig):
-    data: GRPOData
+    data: PromptData
     chat: ChatSection = ChatSection()
     peft: PeftSection | None = None
     """null: full fine-tuning; lora: adapters (the KL reference is then the actor with its

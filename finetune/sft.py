@@ -225,9 +225,13 @@ def save_tokenizer(
     tokenizer.save(out, model_max_length=max_len, chat_template=template or DEFAULT_TEMPLATE)
 
 
-def export_checkpoint(folder: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def export_checkpoint(
+    folder: Path, out: Path, dtype: torch.dtype = torch.bfloat16, select=None
+) -> Path:
     """`kiln export` of an SFT checkpoint, without its parent: verified first
-    (``CheckpointError``), the model rebuilt from the saved config.json and peft settings."""
+    (``CheckpointError``), the model rebuilt from the saved config.json and peft settings.
+    ``select`` (weights -> weights) picks and renames the causal LM's weights of a checkpoint
+    that holds more (PPO: the actor of actor + critic)."""
     from safetensors.torch import load_file
 
     verify(folder, read_manifest(folder))
@@ -236,6 +240,8 @@ def export_checkpoint(folder: Path, out: Path, dtype: torch.dtype = torch.bfloat
     weights: dict[str, torch.Tensor] = {}
     for path in sorted(folder.glob("model-*.safetensors")):
         weights.update(load_file(str(path)))
+    if select is not None:
+        weights = select(weights)
     export_model(weights, folder / "model", peft, out, dtype)
     tokenizer = TextTokenizer.load(folder / "tokenizer")
     template = tokenizer.chat_template

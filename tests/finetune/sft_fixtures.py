@@ -99,7 +99,7 @@ def run_sft(
     done = subprocess.run(
         [*command, *overrides(root, name, parent, train, *extra)],
         cwd=root,
-        env=env(OMP_NUM_THREADS="1"),
+        env=env(OMP_NUM_THREADS=str(2 // nproc)),  # the 2 cores, as `kiln` would share them
         capture_output=True,
         text=True,
         timeout=600,

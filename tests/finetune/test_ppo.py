@@ -1,0 +1,234 @@
+"""The PPO stage: config errors, the actor-critic's gathered log-probs and values, and real
+`kiln ppo` runs: a rule reward learned with the KL held near its target, the first minibatch
+of every iteration at ratio 1, an exact resume from the middle of an iteration, greedy
+rollouts on 2 ranks vs 1, and ZeRO-3 on 2 ranks with a reward model and a separate critic."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.ppo_model import ActorCritic, build_actor_critic, gather_responses
+from finetune.reward_model import load_reward_model
+from launcher.cli import main as kiln_main
+from launcher.config import CONFIG_ROOT
+from launcher.data.tokenizer import TextTokenizer
+
+from .classify_fixtures import tiny_parent
+from .fixtures import write_preferences
+from .sft_fixtures import write_jsonl
+from .test_reward_runs import QUIET, SEED, kiln, losses, metrics
+
+__all__ = ["tiny_parent"]  # fixture
+
+PPO_TINY = str(CONFIG_ROOT / "finetune" / "ppo-tiny.yaml")
+
+
+# ---------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("ppo.rollout_size=24", "ppo.rollout_size"),
+        ("ppo.reward_function=null", "ppo.reward_model"),
+        ("ppo.reward_function=no_such_module:f", "ppo.reward_function"),
+        ("ppo.max_new_tokens=64", "ppo.max_new_tokens"),
+        ("ppo.critic=reward_model", "ppo.critic"),
+    ],
+)
+def test_config_errors_exit_2_naming_the_key(tiny_parent, tmp_path, capsys, override, key):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    args = [f"run.output_dir={tmp_path}", f"init.path={tiny_parent}", "data.max_seq_len=64",
+            f"data.train=[{{paths: [{data}]}}]", override]  # fmt: skip
+    assert kiln_main(["ppo", PPO_TINY, *args]) == 2
+    assert key in capsys.readouterr().err
+
+
+def test_a_reward_model_of_another_vocabulary_is_refused(tiny_parent, tmp_path, capsys):
+    other = tmp_path / "rm"
+    other.mkdir()
+    config = json.loads((tiny_parent / "config.json").read_text())
+    config |= {"vocab_size": config["vocab_size"] + 1, "architectures": ["LlamaForSequenceClassification"]}  # fmt: skip
+    (other / "config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    args = [f"run.output_dir={tmp_path}", f"init.path={tiny_parent}",
+            f"data.train=[{{paths: [{data}]}}]", "ppo.reward_function=null",
+            f"ppo.reward_model={other}"]  # fmt: skip
+    assert kiln_main(["ppo", PPO_TINY, *args]) == 2
+    assert "must share its tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the actor-critic
+
+
+def test_gathered_log_probs_and_values_are_the_response_positions(tiny_parent):
+    """Rows of different prompt lengths, right-padded: the [B, T] response log-probs equal a
+    per-row forward's, at the positions that predict each response token."""
+    model = build_actor_critic(tiny_parent, None, SEED, "value_head", None).eval()
+    rows = [([5, 6, 7, 8], [20, 21, 2]), ([9, 10], [22, 23, 24, 25])]
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    index = torch.zeros(2, 4, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, : len(p) + len(r)] = 1
+        index[i] = (len(p) - 1 + torch.arange(4)).clamp(max=width - 2)
+    with torch.no_grad():
+        logits, values = model(ids, mask)
+        logp, _ = gather_responses(logits, ids, index, 0.7)
+        for i, (p, r) in enumerate(rows):
+            alone = torch.tensor([p + r])
+            own, own_values = model(alone, torch.ones_like(alone))
+            expect = torch.log_softmax(own[0, len(p) - 1 : -1] / 0.7, -1)
+            expect = expect.gather(-1, torch.tensor(r)[:, None])[:, 0]
+            assert torch.allclose(logp[i, : len(r)], expect, atol=1e-5)
+            assert torch.allclose(values[i, len(p) - 1], own_values[0, len(p) - 1], atol=1e-5)
+    assert isinstance(model, ActorCritic) and values.shape == ids.shape
+
+
+# ------------------------------------------------------------------------------- real runs
+
+
+def run_ppo(root: Path, name: str, parent: Path, data: Path, *extra: str, nproc: int = 1):
+    return kiln(
+        root, "ppo", PPO_TINY, "--nproc", str(nproc),
+        f"run.output_dir={root}", f"run.name={name}", f"run.seed={SEED}",
+        f"init.path={parent}", f"data.train=[{{paths: [{data}]}}]",
+        "checkpoint.every=null", *QUIET, *extra, threads=2 // nproc,
+    )  # fmt: skip
+
+
+def per_step(run_dir: Path, key: str) -> dict[int, float]:
+    return {m["step"]: m[key] for m in metrics(run_dir) if key in m}
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    """The synthetic preferences' prompts as chats (their answers are ignored)."""
+    train, _ = write_preferences(tmp_path_factory.mktemp("prompts"), train=400, chat=True)
+    return train
+
+
+ITERATIONS = 40
+PER_ITERATION = 4  # ppo-tiny.yaml: 2 passes x 32 responses / 16 per minibatch
+KL_TARGET = 6.0
+
+
+@pytest.fixture(scope="module")
+def learned(pretrained, prompts, tmp_path_factory) -> Path:
+    """40 iterations of the recipe with its rule reward (vowel share of the response)."""
+    root = tmp_path_factory.mktemp("ppo")
+    started = time.time()
+    run_ppo(root, "learn", pretrained, prompts, f"train.max_steps={ITERATIONS * PER_ITERATION}",
+            f"ppo.kl_target={KL_TARGET}", "checkpoint.every=80")  # fmt: skip
+    print(f"kiln ppo: {ITERATIONS} iterations in {time.time() - started:.0f} s")
+    return root / "learn"
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_rule_reward_and_keeps_the_kl_near_its_target(learned):
+    scores, kl = per_step(learned, "ppo/score"), per_step(learned, "ppo/kl")
+    firsts = list(range(1, ITERATIONS * PER_ITERATION + 1, PER_ITERATION))
+    assert sorted(scores) == firsts  # one rollout per iteration, at its first step
+    first, last = scores[1], float(np.mean([scores[s] for s in firsts[-5:]]))
+    final_kl = float(np.mean([kl[s] for s in firsts[-5:]]))
+    print(f"mean score: iteration 1 {first:.3f}, last 5 {last:.3f}; KL {final_kl:.3f}")
+    assert last >= first + 0.3
+    assert final_kl < 2 * KL_TARGET
+    # every iteration's first minibatch is the rollout's own policy: ratio 1, nothing clipped
+    for step in firsts:
+        row = next(m for m in metrics(learned) if m["step"] == step)
+        assert row["ppo/ratio_max_dev"] <= 1e-6, step
+        assert row["ppo/clipfrac"] == 0.0 and row["ppo/approxkl"] <= 1e-7, step
+    samples = [json.loads(x) for x in (learned / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * ITERATIONS and {"response", "score", "where"} <= set(samples[0])
+
+
+@pytest.mark.slow
+def test_the_export_is_the_actor_and_kiln_export_writes_the_same(learned, tmp_path):
+    hf = learned / "hf"
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    exported = load_file(str(hf / "model.safetensors"))
+    checkpoint = learned / "checkpoints" / f"step-{ITERATIONS * PER_ITERATION:08d}"
+    kiln(tmp_path, "export", str(checkpoint), "--out", str(tmp_path / "out"), "--dtype", "fp32")
+    again = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(again) == sorted(exported)
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
+
+
+@pytest.mark.slow
+def test_a_resume_in_the_middle_of_an_iteration_continues_exactly(
+    pretrained, prompts, learned, tmp_path
+):
+    """Stop 2 steps into the second iteration; the resumed run's next 3 steps (the rest of
+    it from the saved rollout, then a new rollout from the saved RNG) equal the
+    uninterrupted run's."""
+    horizon, kl = f"train.max_steps={ITERATIONS * PER_ITERATION}", f"ppo.kl_target={KL_TARGET}"
+    run_ppo(tmp_path, "resumed", pretrained, prompts, horizon, kl, "train.stop_after=6")
+    assert max(losses(tmp_path / "resumed")) == 6
+    run_ppo(tmp_path, "resumed", pretrained, prompts, horizon, kl, "train.stop_after=3")
+    whole, resumed = losses(learned), losses(tmp_path / "resumed")
+    for step in (7, 8, 9):
+        assert abs(resumed[step] - whole[step]) <= 1e-6, (step, resumed[step], whole[step])
+    assert per_step(tmp_path / "resumed", "ppo/score")[9] == per_step(learned, "ppo/score")[9]
+
+
+GREEDY = ["ppo.do_sample=false", "ppo.rollout_size=16", "ppo.epochs=2", "train.max_steps=4",
+          "train.global_batch_size=16", "train.micro_batch_size=4"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_greedy_rollouts_on_two_ranks_give_one_ranks_losses(pretrained, prompts, tmp_path):
+    """rollout_size = global batch: every step's minibatch is the whole rollout, so the
+    loss (a global token mean) does not depend on how rows are spread over ranks."""
+    run_ppo(tmp_path, "one", pretrained, prompts, *GREEDY, "dist.zero_stage=0")
+    run_ppo(tmp_path, "two", pretrained, prompts, *GREEDY, "dist.zero_stage=2", nproc=2)
+    assert {m["dist/world_size"] for m in metrics(tmp_path / "two")} == {2.0}
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]  # 2 iterations of 2 steps
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, one, two)
+
+
+@pytest.fixture
+def reward_model(pretrained, tmp_path) -> Path:
+    """A reward model of the tiny vocabulary (the parent with an untrained score head), as a
+    reward-stage export: pad token and ``kiln_reward`` statistics in its config.json."""
+    tok = TextTokenizer.load(pretrained)
+    model, _ = load_reward_model(pretrained, tok.pad_id, SEED)
+    model.config.kiln_reward = {"mean": 0.1, "std": 0.5}
+    out = tmp_path / "rm"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_on_two_ranks_with_a_reward_model_and_its_critic(
+    pretrained, prompts, reward_model, tmp_path
+):
+    """Sampled responses of different lengths to prompts of different lengths: the rollout's
+    generation, frozen reference and reward model (ZeRO-3 inference engines) and the
+    minibatch steps all complete (no rank waits for another's collective)."""
+    started = time.time()
+    run_ppo(tmp_path, "z3", pretrained, prompts, "dist.zero_stage=3", "train.max_steps=4",
+            "ppo.reward_function=null", f"ppo.reward_model={reward_model}", "ppo.critic=null",
+            "ppo.max_new_tokens=12", nproc=2)  # fmt: skip
+    seconds = time.time() - started
+    rows = metrics(tmp_path / "z3")
+    assert {m["dist/world_size"] for m in rows} == {2.0}
+    assert sorted(losses(tmp_path / "z3")) == [1, 2, 3, 4]
+    lengths = per_step(tmp_path / "z3", "ppo/response_length")
+    print(f"ZeRO-3, 2 ranks: one iteration + export in {seconds:.0f} s; lengths {lengths}")
+    assert seconds < 120
+    saved = load_file(str(next((tmp_path / "z3" / "hf").glob("*.safetensors"))))
+    assert not any("score" in k or "critic" in k for k in saved)
