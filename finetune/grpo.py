@@ -14,7 +14,9 @@ detached: the ratio is exactly 1. The export is the SFT one (causal LM, tokenize
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     from launcher.stepping import StepContext
 
 VOWELS = frozenset("aeiou")
+SAMPLES = 4
+"""Completions of each step written to samples.jsonl (main rank)."""
 
 
 def letter_share(text: str) -> float:
@@ -123,6 +127,8 @@ class GRPOTask(Task):
         )
         self.reference: nn.Module | None = None
         self.trainable = (0, 0)
+        self._generation = 0.0  # seconds in generate() this step
+        self._samples: list[tuple[str, str, float]] = []  # (where, completion, reward)
         if runtime.is_main:
             skipped = {k: v for k, v in self.train_set.counters.items() if "skipped_" in k}
             print(
@@ -173,6 +179,7 @@ class GRPOTask(Task):
         rank), score them, then ``grpo.num_iterations`` optimizer steps over the same
         micro-batches."""
         rt = step.runtime
+        started, self._generation, self._samples = time.perf_counter(), 0.0, []
         with rt.generating(step.engine) as model:
             rollouts = [self._rollout(model, batch) for batch in batches]
         rewards = torch.cat([r.pop("rewards") for r in rollouts])
@@ -192,6 +199,15 @@ class GRPOTask(Task):
                 for rollout in rollouts:
                     on_device = {k: v.to(rt.device) for k, v in rollout.items()}
                     rollout["old_logp"] = self._token_logps(step.engine, on_device).cpu()
+        # per rank; generation alone, and with scoring and old log-probs
+        record("time/rollout", time.perf_counter() - started, reduce="max")
+        record("time/generation", self._generation, reduce="max")
+        record("rollout/generation_tokens_per_s", float(lengths.sum()) / self._generation)
+        if rt.is_main:
+            with open(self.cfg.run_dir / "samples.jsonl", "a") as f:
+                for where, text, reward in self._samples[:SAMPLES]:
+                    row = {"step": step.state.step + 1, "where": where, "completion": text}
+                    f.write(json.dumps(row | {"reward": reward}, ensure_ascii=False) + "\n")
         for _ in range(self.cfg.grpo.num_iterations):
             step.optimize(rollouts)
 
@@ -206,6 +222,7 @@ class GRPOTask(Task):
         for row, n in enumerate(lengths):
             left[row, width - n :] = batch["input_ids"][row, :n]
         prompts = left.repeat_interleave(g, 0).to(device)
+        started = time.perf_counter()
         out = model.generate(
             input_ids=prompts,
             attention_mask=_left_mask(lengths, width, g, device),
@@ -218,6 +235,7 @@ class GRPOTask(Task):
             pad_token_id=tok.pad_id,
         )
         completions = out[:, width:].cpu()
+        self._generation += time.perf_counter() - started
         # a completion ends with its first EOS (kept: it is a sampled, trained token)
         is_eos = completions == tok.eos_id
         ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completions.shape[1])
@@ -226,7 +244,9 @@ class GRPOTask(Task):
             ids = completions[i, :n]
             prompt = batch["input_ids"][i // g, : lengths[i // g]]
             where = self.train_set.examples[int(batch["index"][i // g])].where
-            rewards.append(self._reward(tok.decode(ids.tolist(), skip_special_tokens=True), where))
+            text = tok.decode(ids.tolist(), skip_special_tokens=True)
+            rewards.append(self._reward(text, where))
+            self._samples.append((where, text, rewards[-1]))
             rows.append((torch.cat([prompt, ids]), len(prompt)))
         full = max(len(seq) for seq, _ in rows)
         input_ids = torch.full((len(rows), full), tok.pad_id, dtype=torch.long)

@@ -133,7 +133,7 @@ class PPOTask(Task):
         self.per_rank = p.rollout_size // runtime.world_size
         self.stream = ExampleStream(
             self.train_set.examples,
-            batch_size=self.per_rank,
+            batch_size=1,
             rank=runtime.rank,
             world_size=runtime.world_size,
             seed=cfg.run.seed,
@@ -265,16 +265,17 @@ class PPOTask(Task):
         start, length = r["start"][rows], r["length"][rows]
         width = int((start + length).max())
         steps = torch.arange(self.cfg.ppo.max_new_tokens)
-        return {
+        batch = {
             "input_ids": r["input_ids"][rows, :width],
             "attention_mask": r["attention_mask"][rows, :width],
             "index": (start[:, None] - 1 + steps).clamp(max=width - 2),
             "response_mask": (steps[None, :] < length[:, None]).long(),
-            "old_logp": r["old_logp"][rows],
-            "old_values": r["old_values"][rows],
-            "advantages": r["advantages"][rows],
-            "returns": r["returns"][rows],
         }
+        # the rollout's statistics, once computed (not while computing them)
+        for key in ("old_logp", "old_values", "advantages", "returns"):
+            if key in r:
+                batch[key] = r[key][rows]
+        return batch
 
     # ---------------------------------------------------------------------------- rollout
 
@@ -283,12 +284,15 @@ class PPOTask(Task):
         rt, p, tok = step.runtime, self.cfg.ppo, self.tokenizer
         if self.prompts is None:
             self.prompts = iter(self.stream)
-        prompts = next(self.prompts)
+        # one prompt per draw: a rollout may span the end of an epoch, and is always full
+        drawn = [next(self.prompts) for _ in range(self.per_rank)]
+        prompts = [b["input_ids"][0, : int(b["attention_mask"].sum())] for b in drawn]
+        where = [self.train_set.examples[int(b["index"][0])].where for b in drawn]
         micro = self.cfg.train.micro_batch_size
         started = time.perf_counter()
         with rt.generating(step.engine) as module:
             chunks = [
-                self._generate(module.policy, {k: v[i : i + micro] for k, v in prompts.items()})
+                self._generate(module.policy, prompts[i : i + micro])
                 for i in range(0, self.per_rank, micro)
             ]
         generated = time.perf_counter() - started
@@ -303,7 +307,6 @@ class PPOTask(Task):
         for i, (ids, _, _) in enumerate(rows):
             input_ids[i, : len(ids)], attention[i, : len(ids)] = ids, 1
         texts = [tok.decode(ids[s:].tolist(), skip_special_tokens=True) for ids, s, _ in rows]
-        where = [self.train_set.examples[int(i)].where for i in prompts["index"]]
         scores = self._scores(input_ids, attention, texts, where)
         if p.missing_eos_penalty is not None:
             scores = torch.where(ended, scores, scores - p.missing_eos_penalty)
@@ -378,7 +381,7 @@ class PPOTask(Task):
         record("time/rollout", seconds, reduce="max")
         record("time/generation", generated, reduce="max")
         rate = float(mask.sum()) / max(generated, 1e-9)
-        record("ppo/generation_tokens_per_s_per_rank", rate)
+        record("rollout/generation_tokens_per_s", rate)  # per rank
         self.kl.update(seq_kl / total, int(total))
         self.iteration += 1
         if rt.is_main:
@@ -391,15 +394,15 @@ class PPOTask(Task):
             self.runtime.all_reduce(moved, "sum")
             t.copy_(moved.to(device))
 
-    def _generate(self, policy: nn.Module, batch: dict[str, torch.Tensor]) -> list:
-        """(prompt + response ids, prompt length, ended with EOS) of each prompt of ``batch``
-        (right-padded prompts from the stream): one response each, cut after its first EOS."""
+    def _generate(self, policy: nn.Module, prompts: list[torch.Tensor]) -> list:
+        """(prompt + response ids, prompt length, ended with EOS) of each prompt: one response
+        each, cut after its first EOS."""
         p, tok, device = self.cfg.ppo, self.tokenizer, self.runtime.device
-        lengths = batch["attention_mask"].sum(1).tolist()
+        lengths = [len(ids) for ids in prompts]
         width = max(lengths)
         left = torch.full((len(lengths), width), tok.pad_id, dtype=torch.long)
-        for row, n in enumerate(lengths):
-            left[row, width - n :] = batch["input_ids"][row, :n]
+        for row, ids in enumerate(prompts):
+            left[row, width - len(ids) :] = ids
         sampling = {"do_sample": True, "temperature": p.temperature, "top_k": 0, "top_p": 1.0}
         out = policy.generate(
             input_ids=left.to(device),
@@ -415,8 +418,7 @@ class PPOTask(Task):
         ends = torch.where(ended, is_eos.int().argmax(1) + 1, responses.shape[1])
         rows = []
         for i, n in enumerate(ends.tolist()):
-            prompt = batch["input_ids"][i, : lengths[i]]
-            rows.append((torch.cat([prompt, responses[i, :n]]), lengths[i], bool(ended[i])))
+            rows.append((torch.cat([prompts[i], responses[i, :n]]), lengths[i], bool(ended[i])))
         return rows
 
     def _scores(self, input_ids, attention, texts: list[str], where: list[str]) -> torch.Tensor:

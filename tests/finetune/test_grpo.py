@@ -211,6 +211,10 @@ def test_grpo_raises_the_rule_reward_within_30_steps(pretrained, prompts, tmp_pa
     last = np.mean([got[s] for s in range(26, 31)])
     print(f"mean reward: step 1 {got[1]:.3f}, steps 26-30 {last:.3f}")
     assert last >= got[1] + 0.2, got
+    samples = [json.loads(x) for x in (tmp_path / "learn" / "samples.jsonl").open()]
+    assert len(samples) == 4 * 30 and {"where", "completion", "reward"} <= set(samples[0])
+    rows = [m for m in metrics(tmp_path / "learn") if "grpo/reward_mean" in m]
+    assert all(0 < m["time/generation"] <= m["time/rollout"] for m in rows)
     hf = tmp_path / "learn" / "hf"
     assert json.loads((hf / "tokenizer_config.json").read_text()).get("chat_template")
     assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
