@@ -64,6 +64,10 @@ def overrides(stage: str, out: Path, iterations: int) -> list[str]:
         "metrics.progress_bar=false",
         f"train.max_steps={iterations * STEPS_PER_ITERATION[stage]}",
         f"{stage}.max_new_tokens={NEW_TOKENS}",
+        # The policy stays the parent (lr 1e-12: every step still computes its update): a trained
+        # policy would change how long responses run before EOS, and so the tokens/s that
+        # plain generate() with the parent is compared with.
+        "optim.lr=1e-12",
     ]
     return common
 
