@@ -19,6 +19,7 @@ from torch import nn
 
 from finetune.chat import chosen_template
 from finetune.classify_data import require_distinct_pad
+from finetune.common import PairBatches, announce_data, record_counters, size
 from finetune.dpo_config import DPOConfig, DPOSection
 from finetune.peft_setup import load_parent, reference_model, trainable_parameters
 from finetune.reward_data import PairEncoder, read_pair_sets
@@ -72,7 +73,7 @@ def dpo_losses(
     return losses
 
 
-class DPOTask(Task):
+class DPOTask(PairBatches, Task):
     name = "dpo"
     cfg: DPOConfig
 
@@ -96,12 +97,8 @@ class DPOTask(Task):
         self.reference: nn.Module | None = None
         self.trainable = (0, 0)
         if runtime.is_main:
-            skipped = {k: v for k, v in self.train_set.counters.items() if "skipped_" in k}
-            n_val = len(self.validation) if self.validation is not None else 0
-            print(
-                f"[kiln] data            {len(self.train_set)} training pairs, {n_val} "
-                f"validation; skipped {skipped or 'nothing'}"
-            )
+            what = f"{len(self.train_set)} training pairs, {size(self.validation)} validation"
+            announce_data(self.train_set, what)
 
     # ------------------------------------------------------------------------------ model
 
@@ -151,20 +148,7 @@ class DPOTask(Task):
 
     # ---------------------------------------------------------------------------- batches
 
-    def train_batches(self) -> ExampleStream:
-        return self.stream
-
-    def steps_per_epoch(self) -> int:
-        return self.stream.steps_per_epoch(self.cfg.grad_accum_steps)
-
-    def tokens_per_sequence(self) -> int:
-        return 2 * self.cfg.data.max_seq_len
-
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-
-    def items_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["example_mask"].sum())
+    # train_batches, steps_per_epoch, tokens_per_sequence, tokens_in, items_in: PairBatches
 
     # ------------------------------------------------------------------------------- loss
 
@@ -224,9 +208,7 @@ class DPOTask(Task):
         }  # fmt: skip
 
     def on_log(self) -> None:
-        for key, value in self.train_set.counters.items():
-            record(f"data/{key}", float(value), reduce="max")
-        record("model/trainable_params", float(self.trainable[0]), reduce="max")
+        record_counters(self.train_set, self.trainable[0])
 
     def summary(self, results: dict[str, float], state) -> list[str]:
         accuracy = results.get("eval/accuracy")

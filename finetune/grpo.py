@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from finetune.chat import chosen_template, generation_prompt
+from finetune.common import announce_data, record_counters
 from finetune.data import check_messages
 from finetune.grpo_config import GRPOConfig, import_reward
 from finetune.peft_setup import load_parent, reference_model, trainable_parameters
@@ -130,11 +131,8 @@ class GRPOTask(Task):
         self._generation = 0.0  # seconds in generate() this step
         self._samples: list[tuple[str, str, float]] = []  # (where, completion, reward)
         if runtime.is_main:
-            skipped = {k: v for k, v in self.train_set.counters.items() if "skipped_" in k}
-            print(
-                f"[kiln] data            {len(self.train_set)} prompts, {self.group} "
-                f"completions each; skipped {skipped or 'nothing'}"
-            )
+            what = f"{len(self.train_set)} prompts, {self.group} completions each"
+            announce_data(self.train_set, what)
 
     # ------------------------------------------------------------------------------ model
 
@@ -305,9 +303,7 @@ class GRPOTask(Task):
         return aggregate_loss(per_token, mask, level)[0]
 
     def on_log(self) -> None:
-        for key, value in self.train_set.counters.items():
-            record(f"data/{key}", float(value), reduce="max")
-        record("model/trainable_params", float(self.trainable[0]), reduce="max")
+        record_counters(self.train_set, self.trainable[0])
 
     def summary(self, results: dict[str, float], state) -> list[str]:
         reward = results.get("grpo/reward_mean")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from finetune.chat import chosen_template
+from finetune.common import announce_data, record_counters
 from finetune.grpo import PromptEncoder, _left_mask
 from finetune.grpo_config import import_reward
 from finetune.peft_setup import reference_model, trainable_parameters
@@ -153,12 +154,11 @@ class PPOTask(Task):
         self.score_stats = (0.0, 1.0)
         self.trainable = (0, 0)
         if runtime.is_main:
-            skipped = {k: v for k, v in self.train_set.counters.items() if "skipped_" in k}
-            print(
-                f"[kiln] data            {len(self.train_set)} prompts, "
-                f"{cfg.steps_per_iteration} optimizer steps per rollout of {p.rollout_size}; "
-                f"skipped {skipped or 'nothing'}"
+            what = (
+                f"{len(self.train_set)} prompts, {cfg.steps_per_iteration} optimizer steps per "
+                f"rollout of {p.rollout_size}"
             )
+            announce_data(self.train_set, what)
 
     # ------------------------------------------------------------------------------ model
 
@@ -488,9 +488,7 @@ class PPOTask(Task):
         return pg.loss + p.vf_coef * vf.loss
 
     def on_log(self) -> None:
-        for key, value in self.train_set.counters.items():
-            record(f"data/{key}", float(value), reduce="max")
-        record("model/trainable_params", float(self.trainable[0]), reduce="max")
+        record_counters(self.train_set, self.trainable[0])
 
     def summary(self, results: dict[str, float], state) -> list[str]:
         score = results.get("ppo/score")

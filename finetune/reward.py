@@ -22,6 +22,7 @@ from transformers import AutoConfig
 
 from finetune.chat import chosen_template
 from finetune.classify_data import load_tokenizer, require_distinct_pad
+from finetune.common import PairBatches, announce_data, record_counters, size
 from finetune.reward_config import RewardConfig
 from finetune.reward_data import PairEncoder, read_pair_sets
 from finetune.reward_model import (
@@ -48,7 +49,7 @@ STATS_PAIRS = 2048
 """At most this many pairs score the exported model for ``kiln_reward``."""
 
 
-class RewardTask(Task):
+class RewardTask(PairBatches, Task):
     name = "reward"
     cfg: RewardConfig
 
@@ -73,12 +74,8 @@ class RewardTask(Task):
         )
         self.model_config = None
         if runtime.is_main:
-            skipped = {k: v for k, v in self.train_set.counters.items() if "skipped_" in k}
-            n_val = len(self.validation) if self.validation is not None else 0
-            print(
-                f"[kiln] data            {len(self.train_set)} training pairs, {n_val} "
-                f"validation; skipped {skipped or 'nothing'}"
-            )
+            what = f"{len(self.train_set)} training pairs, {size(self.validation)} validation"
+            announce_data(self.train_set, what)
 
     # ------------------------------------------------------------------------------ model
 
@@ -95,20 +92,7 @@ class RewardTask(Task):
 
     # ---------------------------------------------------------------------------- batches
 
-    def train_batches(self) -> ExampleStream:
-        return self.stream
-
-    def steps_per_epoch(self) -> int:
-        return self.stream.steps_per_epoch(self.cfg.grad_accum_steps)
-
-    def tokens_per_sequence(self) -> int:
-        return 2 * self.cfg.data.max_seq_len
-
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum() + batch["rejected_attention_mask"].sum())
-
-    def items_in(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["example_mask"].sum())
+    # train_batches, steps_per_epoch, tokens_per_sequence, tokens_in, items_in: PairBatches
 
     # ------------------------------------------------------------------------------- loss
 
@@ -134,8 +118,7 @@ class RewardTask(Task):
         return metrics_of(sums)
 
     def on_log(self) -> None:
-        for key, value in self.train_set.counters.items():
-            record(f"data/{key}", float(value), reduce="max")
+        record_counters(self.train_set)
 
     def summary(self, results: dict[str, float], state) -> list[str]:
         accuracy = results.get("eval/accuracy")

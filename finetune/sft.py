@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 
 from finetune.chat import DEFAULT_TEMPLATE, chosen_template
+from finetune.common import announce_data, record_counters, size
 from finetune.config import PeftSection, SFTConfig
 from finetune.data import SFTEncoder, read_sft_sets
 from finetune.peft_setup import (
@@ -33,7 +34,6 @@ from launcher.data.batches import ExampleStream
 from launcher.data.packing import IGNORE
 from launcher.data.tokenizer import TextTokenizer
 from launcher.forward import forward_logits
-from launcher.metrics import record
 from launcher.runner import run_stage
 from launcher.runtime import Runtime
 from launcher.stages import Stage
@@ -72,14 +72,12 @@ class SFTTask(Task):
         self.evaluations = 0
 
     def _describe(self) -> None:
-        counts = self.train_set.counters
-        skipped = {k: v for k, v in counts.items() if k.startswith("skipped_")}
-        n_val = len(self.validation) if self.validation is not None else 0
         print(f"[kiln] run directory   {self.cfg.run_dir}/")
-        print(
-            f"[kiln] data            {len(self.train_set)} training examples "
-            f"({sum(e.targets for e in self.train_set.examples)} trained tokens), {n_val} "
-            f"validation; skipped {skipped or 'nothing'}"
+        trained = sum(e.targets for e in self.train_set.examples)
+        announce_data(
+            self.train_set,
+            f"{len(self.train_set)} training examples ({trained} trained tokens), "
+            f"{size(self.validation)} validation",
         )
 
     # ------------------------------------------------------------------------------ model
@@ -169,9 +167,7 @@ class SFTTask(Task):
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
     def on_log(self) -> None:
-        for key, value in self.train_set.counters.items():
-            record(f"data/{key}", float(value), reduce="max")
-        record("model/trainable_params", float(self.trainable[0]), reduce="max")
+        record_counters(self.train_set, self.trainable[0])
 
     def summary(self, results: dict[str, float], state) -> list[str]:
         loss = results.get("eval/loss")
