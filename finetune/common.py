@@ -1,13 +1,18 @@
 """What the fine-tuning stages share beside the loop: the line that says what was read, the
-counters every stage logs, and the batch side of the stages trained on preference pairs."""
+counters every stage logs, the batch side of the stages trained on preference pairs, and the
+digests of frozen companion models that a resume checks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from launcher.checkpoint import CheckpointError
 from launcher.data.batches import ExampleStream
 from launcher.data.examples import ExampleSet
 from launcher.metrics import record
+from launcher.runner import weight_digests
 
 
 def announce_data(train: ExampleSet, what: str) -> None:
@@ -51,3 +56,41 @@ class PairBatches:
 
     def items_in(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["example_mask"].sum())
+
+
+class FrozenModels:
+    """The directories of a stage's frozen companions (KL reference, reward model), by the
+    config key that names them, and their weight files' SHA-256: a run-wide checkpoint state
+    (``RunJson``). They are not checkpointed, so a resume reloads them from their
+    directories; one whose weights changed since the checkpoint would silently train against
+    another model, and is refused instead, naming it. Digests are computed once per run."""
+
+    def __init__(self, models: dict[str, str | Path]) -> None:
+        self.models = {key: Path(path) for key, path in models.items()}
+        self._digests: dict[str, dict[str, str]] | None = None
+
+    def digests(self) -> dict[str, dict[str, str]]:
+        if self._digests is None:
+            self._digests = {key: weight_digests(p) for key, p in self.models.items()}
+        return self._digests
+
+    def state_dict(self) -> dict:
+        digests = self.digests()
+        return {k: {"path": str(p), "weights": digests[k]} for k, p in self.models.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        now = self.digests()
+        for key, saved in state.items():
+            if key not in now:  # that companion is not used any more (e.g. LoRA now)
+                continue
+            if saved["weights"] != now[key]:
+                changed = sorted(
+                    set(saved["weights"]).symmetric_difference(now[key])
+                    | {f for f in saved["weights"] if now[key].get(f) != saved["weights"][f]}
+                )
+                raise CheckpointError(
+                    f"{key}: the weights in {self.models[key]} changed since the checkpoint "
+                    f"was saved (from {saved['path']}; files differing: {', '.join(changed)}). "
+                    "Resuming would train against another model: restore them, or start "
+                    "afresh with checkpoint.resume=none"
+                )

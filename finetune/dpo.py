@@ -19,7 +19,7 @@ from torch import nn
 
 from finetune.chat import chosen_template
 from finetune.classify_data import require_distinct_pad
-from finetune.common import PairBatches, announce_data, record_counters, size
+from finetune.common import FrozenModels, PairBatches, announce_data, record_counters, size
 from finetune.dpo_config import DPOConfig, DPOSection
 from finetune.peft_setup import load_parent, reference_model, trainable_parameters
 from finetune.reward_data import PairEncoder, read_pair_sets
@@ -32,6 +32,7 @@ from launcher.metrics import record
 from launcher.runner import run_stage
 from launcher.runtime import Runtime
 from launcher.stages import Stage
+from launcher.states import RunJson
 from launcher.task import Task
 
 SIDES = ("", "rejected_")
@@ -95,6 +96,8 @@ class DPOTask(PairBatches, Task):
             shuffle=cfg.data.shuffle,
         )
         self.reference: nn.Module | None = None
+        used = cfg.dpo.reference != "none" and cfg.peft is None
+        self.frozen = FrozenModels({"init.path (the DPO reference)": self.parent} if used else {})
         self.trainable = (0, 0)
         if runtime.is_main:
             what = f"{len(self.train_set)} training pairs, {size(self.validation)} validation"
@@ -227,6 +230,11 @@ class DPOTask(PairBatches, Task):
 
     def load_state_dict(self, states: list[dict]) -> None:
         self.stream.load_state_dict([s["data"] for s in states])
+
+    def states(self) -> dict:
+        """The reference's weights' digests (a frozen copy of the parent; optional: older
+        checkpoints lack them)."""
+        return {"frozen": RunJson(self.frozen, optional=True)}
 
 
 def dpo(cfg: DPOConfig) -> dict[str, float]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from finetune.chat import chosen_template, generation_prompt
-from finetune.common import announce_data, record_counters
+from finetune.common import FrozenModels, announce_data, record_counters
 from finetune.data import check_messages
 from finetune.grpo_config import GRPOConfig, import_reward
 from finetune.peft_setup import load_parent, reference_model, trainable_parameters
@@ -42,6 +42,7 @@ from launcher.metrics import record
 from launcher.runner import run_stage
 from launcher.runtime import Runtime
 from launcher.stages import Stage
+from launcher.states import RunJson
 from launcher.task import Task
 
 if TYPE_CHECKING:
@@ -127,6 +128,8 @@ class GRPOTask(Task):
             shuffle=cfg.data.shuffle,
         )
         self.reference: nn.Module | None = None
+        used = cfg.grpo.beta > 0 and cfg.peft is None
+        self.frozen = FrozenModels({"init.path (the KL reference)": self.parent} if used else {})
         self.trainable = (0, 0)
         self._generation = 0.0  # seconds in generate() this step
         self._samples: list[tuple[str, str, float]] = []  # (where, completion, reward)
@@ -320,6 +323,11 @@ class GRPOTask(Task):
 
     def load_state_dict(self, states: list[dict]) -> None:
         self.stream.load_state_dict([s["data"] for s in states])
+
+    def states(self) -> dict:
+        """The KL reference's weights' digests (with ``grpo.beta > 0``, full fine-tuning;
+        optional: older checkpoints lack them)."""
+        return {"frozen": RunJson(self.frozen, optional=True)}
 
 
 def _left_mask(lengths: list[int], width: int, g: int, device) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from finetune.chat import chosen_template
-from finetune.common import announce_data, record_counters
+from finetune.common import FrozenModels, announce_data, record_counters
 from finetune.grpo import PromptEncoder, _left_mask
 from finetune.grpo_config import import_reward
 from finetune.peft_setup import reference_model, trainable_parameters
@@ -93,13 +93,14 @@ class Ticks:
 
 class Rollout:
     """This rank's rollout tensors (``RankTensors`` state), named by ``KEYS``; empty until
-    the first iteration, or after loading a checkpoint of another world size."""
+    the first iteration, and after loading a checkpoint of another world size (its rows
+    were spread over other ranks: only a new rollout, at an iteration's start, can go on)."""
 
     KEYS = ("input_ids", "attention_mask", "start", "length", "old_logp", "old_values",
             "advantages", "returns", "iteration")  # fmt: skip
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
         self.tensors: dict[str, torch.Tensor] = {}
         self.saved_world: int | None = None
 
@@ -108,7 +109,7 @@ class Rollout:
 
     def load_state_dict(self, states: list[dict[str, torch.Tensor]]) -> None:
         self.saved_world = len(states)
-        mine = states[self.rank] if self.rank < len(states) else {}
+        mine = states[self.rank] if self.saved_world == self.world_size else {}
         self.tensors = dict(mine) if set(mine) == set(self.KEYS) else {}
 
 
@@ -147,12 +148,16 @@ class PPOTask(Task):
             self.kl = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
         else:
             self.kl = FixedKLController(p.kl_coef)
-        self.rollout = Rollout(runtime.rank)
+        self.rollout = Rollout(runtime.rank, runtime.world_size)
         self.reference: nn.Module | None = None
         self.reward_model: nn.Module | None = None
         self.reward_pad = self.tokenizer.pad_id
         self.score_stats = (0.0, 1.0)
         self.trainable = (0, 0)
+        frozen = {} if cfg.peft is not None else {"init.path (the KL reference)": self.parent}
+        if p.reward_model is not None:
+            frozen["ppo.reward_model"] = p.reward_model
+        self.frozen = FrozenModels(frozen)
         if runtime.is_main:
             what = (
                 f"{len(self.train_set)} prompts, {cfg.steps_per_iteration} optimizer steps per "
@@ -512,7 +517,11 @@ class PPOTask(Task):
         self.iteration = states[0]["iteration"]
 
     def states(self) -> dict:
-        return {"kl": RunJson(self.kl), "rollout": RankTensors(self.rollout)}
+        return {
+            "kl": RunJson(self.kl),
+            "rollout": RankTensors(self.rollout),
+            "frozen": RunJson(self.frozen),
+        }
 
 
 def policy_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

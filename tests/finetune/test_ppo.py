@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.ppo import PPOTask, Rollout
+from finetune.ppo_config import PPOSection
 from finetune.ppo_model import ActorCritic, build_actor_critic, gather_responses
 from finetune.reward_model import load_reward_model
 from launcher.cli import main as kiln_main
@@ -66,6 +69,27 @@ def test_a_reward_model_of_another_vocabulary_is_refused(tiny_parent, tmp_path, 
     assert "must share its tokenizer" in capsys.readouterr().err
 
 
+def test_a_failing_rule_names_the_function_and_the_prompt():
+    task = SimpleNamespace(cfg=SimpleNamespace(ppo=PPOSection(reward_function="m:f")))
+    task.reward_fn = lambda text: 1 / 0
+    with pytest.raises(ValueError, match=r"ppo.reward_function m:f raised ZeroDivisionError.*p:3"):
+        PPOTask._rule(task, "text", "p:3")
+    task.reward_fn = lambda text: float("inf")
+    with pytest.raises(ValueError, match=r"ppo.reward_function m:f returned inf .*p:4"):
+        PPOTask._rule(task, "text", "p:4")
+
+
+def test_a_rollout_saved_by_other_ranks_is_not_taken():
+    """Mid-iteration, a rollout's rows are spread over the saving ranks: on another world
+    size nothing is loaded (the step then refuses to go on, naming the world size)."""
+    saved = {key: torch.zeros(1) for key in Rollout.KEYS}
+    same, other = Rollout(rank=1, world_size=2), Rollout(rank=0, world_size=1)
+    same.load_state_dict([saved, {**saved, "start": torch.ones(1)}])
+    other.load_state_dict([saved, saved])
+    assert torch.equal(same.tensors["start"], torch.ones(1))
+    assert other.tensors == {} and other.saved_world == 2
+
+
 # ------------------------------------------------------------------------- the actor-critic
 
 
@@ -98,12 +122,14 @@ def test_gathered_log_probs_and_values_are_the_response_positions(tiny_parent):
 # ------------------------------------------------------------------------------- real runs
 
 
-def run_ppo(root: Path, name: str, parent: Path, data: Path, *extra: str, nproc: int = 1):
+def run_ppo(
+    root: Path, name: str, parent: Path, data: Path, *extra: str, nproc: int = 1, check=True
+):
     return kiln(
         root, "ppo", PPO_TINY, "--nproc", str(nproc),
         f"run.output_dir={root}", f"run.name={name}", f"run.seed={SEED}",
         f"init.path={parent}", f"data.train=[{{paths: [{data}]}}]",
-        "checkpoint.every=null", *QUIET, *extra, threads=2 // nproc,
+        "checkpoint.every=null", *QUIET, *extra, threads=2 // nproc, check=check,
     )  # fmt: skip
 
 
@@ -204,16 +230,20 @@ def test_greedy_rollouts_on_two_ranks_give_one_ranks_losses(pretrained, prompts,
         assert abs(two[step] - one[step]) <= 1e-5 * max(abs(one[step]), 1.0), (step, one, two)
 
 
-@pytest.fixture
-def reward_model(pretrained, tmp_path) -> Path:
+def make_reward_model(parent: Path, out: Path, stats: bool = True, seed: int = SEED) -> Path:
     """A reward model of the tiny vocabulary (the parent with an untrained score head), as a
-    reward-stage export: pad token and ``kiln_reward`` statistics in its config.json."""
-    tok = TextTokenizer.load(pretrained)
-    model, _ = load_reward_model(pretrained, tok.pad_id, SEED)
-    model.config.kiln_reward = {"mean": 0.1, "std": 0.5}
-    out = tmp_path / "rm"
+    reward-stage export: pad token and (``stats``) ``kiln_reward`` in its config.json."""
+    tok = TextTokenizer.load(parent)
+    model, _ = load_reward_model(parent, tok.pad_id, seed)
+    if stats:
+        model.config.kiln_reward = {"mean": 0.1, "std": 0.5}
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def reward_model(pretrained, tmp_path) -> Path:
+    return make_reward_model(pretrained, tmp_path / "rm")
 
 
 @pytest.mark.slow
@@ -237,3 +267,46 @@ def test_zero3_on_two_ranks_with_a_reward_model_and_its_critic(
     assert seconds < 120
     saved = load_file(str(next((tmp_path / "z3" / "hf").glob("*.safetensors"))))
     assert not any("score" in k or "critic" in k for k in saved)
+
+
+ONE_ITERATION = ["train.max_steps=4", "ppo.max_new_tokens=6"]
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_and_value_head_and_its_reference_is_the_parent(
+    pretrained, prompts, tmp_path
+):
+    run_ppo(tmp_path, "lora", pretrained, prompts, *ONE_ITERATION, "peft={method: lora, r: 4}",
+            "checkpoint.every=4")  # fmt: skip
+    # the reference is the actor with its adapters off; B starts at 0: no KL at first
+    assert per_step(tmp_path / "lora", "ppo/kl")[1] == 0.0
+    saved = {}
+    for path in (tmp_path / "lora" / "checkpoints" / "step-00000004").glob("model-*.safetensors"):
+        saved.update(load_file(str(path)))
+    parent = load_file(str(pretrained / "model.safetensors"))
+    base = [k for k in saved if ".base_layer." in k]
+    assert base
+    for key in base:
+        name = key.replace("policy.base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(saved[key], parent[name]), key
+    assert all(saved[k].abs().max() > 0 for k in saved if "lora_B" in k)
+    initial = build_actor_critic(pretrained, None, SEED, "value_head", None).value_head
+    assert not torch.equal(saved["value_head.weight"], initial.weight.detach())
+    assert (tmp_path / "lora" / "hf" / "model.safetensors").is_file()  # merged actor
+
+
+@pytest.mark.slow
+def test_a_reward_model_without_stats_warns_and_a_changed_one_stops_the_resume(
+    pretrained, prompts, tmp_path
+):
+    rm = make_reward_model(pretrained, tmp_path / "rm", stats=False)
+    model = ["ppo.reward_function=null", f"ppo.reward_model={rm}", "ppo.critic=value_head"]
+    first = run_ppo(tmp_path, "rm", pretrained, prompts, *ONE_ITERATION, *model,
+                    "train.stop_after=2")  # fmt: skip
+    assert "no kiln_reward statistics" in first.stdout + first.stderr
+    make_reward_model(pretrained, rm, stats=False, seed=SEED + 1)  # another head, same place
+    again = run_ppo(tmp_path, "rm", pretrained, prompts, *ONE_ITERATION, *model, check=False)
+    out = again.stdout + again.stderr
+    assert again.returncode != 0 and "ppo.reward_model" in out, out[-3000:]
+    assert "changed since the checkpoint" in out and "model.safetensors" in out
+    assert max(losses(tmp_path / "rm")) == 2  # nothing trained against the other model
