@@ -30,6 +30,7 @@ from finetune.common import FrozenModels, announce_data, record_counters
 from finetune.data import check_messages
 from finetune.grpo_config import GRPOConfig, import_reward
 from finetune.peft_setup import load_parent, reference_model, trainable_parameters
+from finetune.reward_model import load_frozen_reward_model, score_sequences
 from finetune.rl_math import aggregate_loss, grpo_advantages, grpo_token_loss
 from finetune.sft import SFTTask, export_checkpoint
 from launcher.data.batches import ExampleStream
@@ -109,7 +110,8 @@ class GRPOTask(Task):
         self.parent = Path(cfg.init.path)
         self.tokenizer = TextTokenizer.load(self.parent)
         self.template = chosen_template(cfg.chat.template, self.tokenizer, self.parent)
-        self.reward_fn = import_reward(cfg.grpo.reward)
+        self.reward_fn = import_reward(cfg.grpo.reward) if cfg.grpo.reward else None
+        self.reward_model: nn.Module | None = None
         max_prompt = cfg.data.max_seq_len - cfg.grpo.max_new_tokens
         encoder = PromptEncoder(self.tokenizer, max_prompt, self.template)
         self.train_set = read_examples(
@@ -129,7 +131,10 @@ class GRPOTask(Task):
         )
         self.reference: nn.Module | None = None
         used = cfg.grpo.beta > 0 and cfg.peft is None
-        self.frozen = FrozenModels({"init.path (the KL reference)": self.parent} if used else {})
+        frozen = {"init.path (the KL reference)": self.parent} if used else {}
+        if cfg.grpo.reward_model is not None:
+            frozen["grpo.reward_model"] = cfg.grpo.reward_model
+        self.frozen = FrozenModels(frozen)
         self.trainable = (0, 0)
         self._generation = 0.0  # seconds in generate() this step
         self._samples: list[tuple[str, str, float]] = []  # (where, completion, reward)
@@ -150,6 +155,9 @@ class GRPOTask(Task):
         if self.cfg.grpo.beta > 0 and self.cfg.peft is None:
             parent = load_parent(self.parent, None, self.cfg.run.seed)
             self.reference = self.runtime.prepare_frozen(parent)
+        if self.cfg.grpo.reward_model is not None:
+            folder = Path(self.cfg.grpo.reward_model)
+            self.reward_model = load_frozen_reward_model(self.runtime, folder, self.cfg.run.seed)
 
     # ---------------------------------------------------------------------------- batches
 
@@ -240,14 +248,12 @@ class GRPOTask(Task):
         # a completion ends with its first EOS (kept: it is a sampled, trained token)
         is_eos = completions == tok.eos_id
         ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completions.shape[1])
-        rows, rewards = [], []
+        rows, texts, wheres = [], [], []
         for i, n in enumerate(ends.tolist()):
             ids = completions[i, :n]
             prompt = batch["input_ids"][i // g, : lengths[i // g]]
-            where = self.train_set.examples[int(batch["index"][i // g])].where
-            text = tok.decode(ids.tolist(), skip_special_tokens=True)
-            rewards.append(self._reward(text, where))
-            self._samples.append((where, text, rewards[-1]))
+            wheres.append(self.train_set.examples[int(batch["index"][i // g])].where)
+            texts.append(tok.decode(ids.tolist(), skip_special_tokens=True))
             rows.append((torch.cat([prompt, ids]), len(prompt)))
         full = max(len(seq) for seq, _ in rows)
         input_ids = torch.full((len(rows), full), tok.pad_id, dtype=torch.long)
@@ -257,6 +263,12 @@ class GRPOTask(Task):
             input_ids[i, : len(seq)] = seq
             attention[i, : len(seq)] = 1
             completion[i, start : len(seq)] = 1
+        if self.reward_model is not None:  # whole micro-batches: as many forwards per rank
+            rewards = score_sequences(self.reward_model, input_ids, attention, len(rows), device)
+            rewards = rewards.tolist()
+        else:
+            rewards = [self._reward(t, w) for t, w in zip(texts, wheres, strict=True)]
+        self._samples += zip(wheres, texts, rewards, strict=True)
         return {
             "input_ids": input_ids,
             "attention_mask": attention,

@@ -11,7 +11,9 @@ batch sizes, a reward function that cannot be imported, what DPO checks of the p
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -57,8 +59,12 @@ class GRPOSection(Section):
     num_iterations: int = Field(1, gt=0)
     """Optimizer steps per rollout (TRL's mu, default 1); with more, the ratio to the
     sampling policy moves and the clip by ``epsilon`` binds."""
-    reward: str = "finetune.grpo:letter_share"
-    """``package.module:function``, a rule reward: completion text -> float."""
+    reward: str | None = None
+    """``package.module:function``, a rule reward: completion text -> float; exactly one of
+    this and ``reward_model``."""
+    reward_model: str | None = None
+    """A reward-stage export that scores prompt + completion (its raw score: advantages
+    compare a group's completions, so no normalisation is needed)."""
 
     @property
     def eps_high(self) -> float:
@@ -94,10 +100,20 @@ class GRPOConfig(RunConfig):
                 f"{self.grpo.max_new_tokens} leaves no room for a prompt in data.max_seq_len "
                 f"({self.data.max_seq_len})",
             )
-        try:
-            import_reward(self.grpo.reward)
-        except ValueError as exc:
-            yield "grpo.reward", str(exc)
+        if (self.grpo.reward is None) == (self.grpo.reward_model is None):
+            yield (
+                "grpo.reward",
+                "set exactly one of grpo.reward (package.module:function) and "
+                "grpo.reward_model (a reward-stage export)",
+            )
+        if self.grpo.reward is not None:
+            try:
+                import_reward(self.grpo.reward)
+            except ValueError as exc:
+                yield "grpo.reward", str(exc)
+        if self.grpo.reward_model is not None:
+            path = Path(self.grpo.reward_model)
+            yield from reward_model_problems(path, self.init.path, "grpo.reward_model")
 
 
 def import_reward(spec: str) -> Callable[[str], float]:
@@ -113,3 +129,29 @@ def import_reward(spec: str) -> Callable[[str], float]:
     if not callable(function):
         raise ValueError(f"{spec!r}: {module_name} has no function {attr}")
     return function
+
+
+def reward_model_problems(folder: Path, parent: str | None, key: str) -> Iterable[tuple[str, str]]:
+    """A reward model (at config ``key``) must be a sequence classifier of the actor's
+    vocabulary (it scores the actor's token ids)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        yield key, f"{folder}: no config.json (expected a reward-stage export)"
+        return
+    try:
+        found = json.loads(config.read_text())
+    except ValueError as exc:
+        yield key, f"{config}: not JSON ({exc})"
+        return
+    kinds = found.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in kinds):
+        yield key, f"{config}: architecture {kinds or 'none'} is not a reward model"
+    if parent is None or not (Path(parent) / "config.json").is_file():
+        return
+    actor = json.loads((Path(parent) / "config.json").read_text()).get("vocab_size")
+    if found.get("vocab_size") != actor:
+        yield (
+            key,
+            f"{config}: vocab_size {found.get('vocab_size')} differs from the actor's ({actor}): "
+            "it scores the actor's token ids, so it must share its tokenizer",
+        )

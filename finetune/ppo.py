@@ -44,7 +44,7 @@ from finetune.ppo_model import (
     load_actor,
     reward_stats,
 )
-from finetune.reward_model import load_reward_model
+from finetune.reward_model import load_frozen_reward_model, score_sequences
 from finetune.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -151,7 +151,6 @@ class PPOTask(Task):
         self.rollout = Rollout(runtime.rank, runtime.world_size)
         self.reference: nn.Module | None = None
         self.reward_model: nn.Module | None = None
-        self.reward_pad = self.tokenizer.pad_id
         self.score_stats = (0.0, 1.0)
         self.trainable = (0, 0)
         frozen = {} if cfg.peft is not None else {"init.path (the KL reference)": self.parent}
@@ -204,9 +203,7 @@ class PPOTask(Task):
         if p.reward_model is None:
             return
         folder = Path(p.reward_model)
-        self.reward_pad = json.loads((folder / "config.json").read_text()).get("pad_token_id")
-        model, _ = load_reward_model(folder, self.reward_pad, self.cfg.run.seed)
-        self.reward_model = rt.prepare_frozen(model)
+        self.reward_model = load_frozen_reward_model(rt, folder, self.cfg.run.seed)
         stats = reward_stats(folder)
         if stats is None:
             log.warning(
@@ -431,16 +428,8 @@ class PPOTask(Task):
         padded with the reward model's own pad id, which it reads the last token by)."""
         if self.reward_fn is not None:
             return torch.tensor([self._rule(t, w) for t, w in zip(texts, where, strict=True)])
-        ids = torch.where(attention.bool(), input_ids, self.reward_pad)
-        micro, rt = self.cfg.train.micro_batch_size, self.runtime
-        scores = []
-        for i in range(0, len(ids), micro):
-            out = self.reward_model(
-                input_ids=ids[i : i + micro].to(rt.device),
-                attention_mask=attention[i : i + micro].to(rt.device),
-            )
-            scores.append(out.logits.float()[:, 0].cpu())
-        return torch.cat(scores)
+        micro = self.cfg.train.micro_batch_size
+        return score_sequences(self.reward_model, input_ids, attention, micro, self.runtime.device)
 
     def _rule(self, text: str, where: str) -> float:
         spec = self.cfg.ppo.reward_function

@@ -11,7 +11,6 @@ TRL with PPO) unless the field says otherwise.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from finetune.config import ChatSection, PeftSection, pair_stage_problems
-from finetune.grpo_config import PromptData, import_reward
+from finetune.grpo_config import PromptData, import_reward, reward_model_problems
 from launcher.config import Section
 from launcher.run_config import RunConfig
 
@@ -119,31 +118,8 @@ class PPOConfig(RunConfig):
             except ValueError as exc:
                 yield "ppo.reward_function", str(exc)
         if p.reward_model is not None:
-            yield from _reward_model_problems(Path(p.reward_model), self.init.path)
+            yield from reward_model_problems(
+                Path(p.reward_model), self.init.path, "ppo.reward_model"
+            )
         if p.critic == "reward_model" and p.reward_model is None:
             yield "ppo.critic", "reward_model: no ppo.reward_model to start the critic from"
-
-
-def _reward_model_problems(folder: Path, parent: str | None) -> Iterable[tuple[str, str]]:
-    """The reward model must be a sequence classifier of the actor's vocabulary."""
-    config = folder / "config.json"
-    if not config.is_file():
-        yield "ppo.reward_model", f"{folder}: no config.json (expected a reward-stage export)"
-        return
-    try:
-        found = json.loads(config.read_text())
-    except ValueError as exc:
-        yield "ppo.reward_model", f"{config}: not JSON ({exc})"
-        return
-    kinds = found.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in kinds):
-        yield "ppo.reward_model", f"{config}: architecture {kinds or 'none'} is not a reward model"
-    if parent is None or not (Path(parent) / "config.json").is_file():
-        return
-    actor = json.loads((Path(parent) / "config.json").read_text()).get("vocab_size")
-    if found.get("vocab_size") != actor:
-        yield (
-            "ppo.reward_model",
-            f"{config}: vocab_size {found.get('vocab_size')} differs from the actor's ({actor}): "
-            "it scores the actor's token ids, so it must share its tokenizer",
-        )

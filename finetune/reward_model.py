@@ -63,6 +63,34 @@ def rewards(
     return scores[: len(chosen)], scores[len(chosen) :]
 
 
+@torch.no_grad()
+def score_sequences(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, micro: int, device
+) -> torch.Tensor:
+    """fp32 scores [N] of right-padded rows by a frozen reward model, ``micro`` rows per
+    forward (under ZeRO-3 every rank must pass as many rows). Padding becomes the model's own
+    ``pad_token_id`` (its pooling reads the last token that is not it), whatever the actor's."""
+    pad = getattr(model, "module", model).config.pad_token_id  # an engine under ZeRO-3
+    ids = torch.where(attention_mask.bool(), input_ids, pad)
+    scores = []
+    for i in range(0, len(ids), micro):
+        out = model(
+            input_ids=ids[i : i + micro].to(device),
+            attention_mask=attention_mask[i : i + micro].to(device),
+        )
+        scores.append(out.logits.float()[:, 0].cpu())
+    return torch.cat(scores)
+
+
+def load_frozen_reward_model(runtime, folder: Path, seed: int) -> nn.Module:
+    """A reward-stage export at ``folder``, frozen for this run (``runtime.prepare_frozen``)."""
+    import json
+
+    pad = json.loads((Path(folder) / "config.json").read_text()).get("pad_token_id")
+    model, _ = load_reward_model(folder, pad, seed)
+    return runtime.prepare_frozen(model)
+
+
 def _pad(rows: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(rows, (0, width - rows.shape[1]), value=value)
 

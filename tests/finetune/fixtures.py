@@ -45,3 +45,17 @@ def write_preferences(
         records = preferences(n, seed * 2 + i, chat)
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return paths
+
+
+def make_reward_model(parent: Path, out: Path, stats: bool = True, seed: int = 1234) -> Path:
+    """A reward model of ``parent``'s vocabulary (the parent with an untrained score head,
+    seeded), as a reward-stage export: pad token and (``stats``) ``kiln_reward`` in its
+    config.json."""
+    from finetune.reward_model import load_reward_model
+    from launcher.data.tokenizer import TextTokenizer
+
+    model, _ = load_reward_model(parent, TextTokenizer.load(parent).pad_id, seed)
+    if stats:
+        model.config.kiln_reward = {"mean": 0.1, "std": 0.5}
+    model.save_pretrained(out)
+    return out

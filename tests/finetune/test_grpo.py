@@ -23,7 +23,7 @@ from launcher.data.examples import ExampleSource, read_examples
 from launcher.data.tokenizer import TextTokenizer
 
 from .classify_fixtures import tiny_parent
-from .fixtures import write_preferences
+from .fixtures import make_reward_model, write_preferences
 from .sft_fixtures import write_jsonl
 from .test_reward_runs import QUIET, SEED, kiln, losses, metrics
 
@@ -73,6 +73,8 @@ def test_prompt_records_encode_and_bad_ones_are_counted(tiny_parent, tmp_path):
         ("train.global_batch_size=18", "train.global_batch_size"),
         ("grpo.reward=no_such_module:f", "grpo.reward"),
         ("grpo.reward=finetune.grpo:no_such_function", "grpo.reward"),
+        ("grpo.reward=null", "grpo.reward"),
+        ("grpo.reward_model=/no/such/dir", "grpo.reward"),  # both set
     ],
 )
 def test_config_errors_exit_2_naming_the_key(tiny_parent, tmp_path, capsys, override, key):
@@ -243,3 +245,14 @@ def test_two_ranks_under_zero2(pretrained, prompts, tmp_path):
     assert {m["dist/world_size"] for m in rows if "dist/world_size" in m} == {2.0}
     assert sorted(rewards(tmp_path / "two")) == [1, 2, 3]
     assert (tmp_path / "two" / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_reward_model_scores_the_completions(pretrained, prompts, tmp_path):
+    rm = make_reward_model(pretrained, tmp_path / "rm")
+    run_grpo(tmp_path, "rm", pretrained, prompts, "train.max_steps=2", "grpo.reward=null",
+             f"grpo.reward_model={rm}", "train.global_batch_size=16")  # fmt: skip
+    samples = [json.loads(x) for x in (tmp_path / "rm" / "samples.jsonl").open()]
+    scores = {s["reward"] for s in samples}
+    assert len(samples) == 8 and len(scores) > 1 and all(np.isfinite(list(scores)))
+    assert sorted(rewards(tmp_path / "rm")) == [1, 2]
