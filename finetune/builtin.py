@@ -1,0 +1,235 @@
+"""Fine-tuning data drawn from the built-in corpus's world: the chain's SFT chats, preference
+pairs and RL prompts, seeded like the corpus (``BuiltinCorpusConfig.seed``) and byte-identical
+for the same config; a folder already written from the same config is reused.
+
+Every record asks about one *fact* of the world (the river through a town, a town's region, a
+person's town or trade, where a river rises or ends) after a *context*: a short paragraph
+stating that fact among ``distractors`` facts of the same kind about other entities, in a
+seeded order. The answer is always in the context, so a small model can learn to copy the right
+entity within minutes (a real effect for the chain to show), and a wrong answer of the same
+kind is at hand for the preference pairs:
+
+- ``sft/<split>.jsonl``: ``{"id", "messages": [user: context + question, assistant: answer]}``
+- ``pairs/<split>.jsonl``: ``{"id", "messages": [user], "chosen": answer, "rejected": the
+  value a distractor fact gives}`` (the reward and DPO stages' chat pairs)
+- ``prompts/<split>.jsonl``: ``{"id", "messages": [user], "answer"}`` (PPO and GRPO ignore
+  ``answer``; scoring scripts use it)
+
+Splits (``train``, ``validation``, ``test``) go by a hash of the fact (kind and entity, not
+the variant: a held-out fact was never seen with another context): 10% test, 10% validation,
+whatever the number of records. Classification uses the corpus's own ``genre``
+field instead. ``manifest.json`` is written last: a folder with a matching manifest is complete.
+
+    python -m finetune.builtin OUT_DIR [--seed 0] [--variants 2] [--distractors 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+
+from launcher.config import Section
+from pretrain.data.builtin import World
+
+SPLITS = ("train", "validation", "test")
+KINDS_DIRS = ("sft", "pairs", "prompts")
+MANIFEST = "manifest.json"
+VERSION = 1
+"""Bumped whenever the records a config gives change (a reused folder must be the same)."""
+
+
+class BuiltinFinetuneConfig(Section):
+    seed: int = Field(0, ge=0)
+    """The world's seed: the corpus's ``data.builtin.seed``, so both describe one world."""
+    dir: str = "data/builtin-finetune"
+    variants: int = Field(2, gt=0)
+    """Contexts per fact (different distractors and orders)."""
+    distractors: int = Field(3, ge=1)
+    """Other facts of the same kind in each context (fewer when the world has too few
+    distinct values, e.g. its six regions)."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of fact: the entities it is about, and for one entity its question, answer and
+    the sentence that states it."""
+
+    name: str
+    entities: Callable[[World], list]
+    key: Callable[[object], str]
+    question: Callable[[object], str]
+    answer: Callable[[object], str]
+    statement: Callable[[object], str]
+
+
+KINDS = (
+    Kind(
+        "river_of_town",
+        lambda w: w.towns,
+        lambda t: t.name,
+        lambda t: f"Which river runs through {t.name}?",
+        lambda t: t.river.name,
+        lambda t: f"The {t.river.name} runs through {t.name}.",
+    ),
+    Kind(
+        "region_of_town",
+        lambda w: w.towns,
+        lambda t: t.name,
+        lambda t: f"In which region is {t.name}?",
+        lambda t: t.region,
+        lambda t: f"{t.name} lies in {t.region}.",
+    ),
+    Kind(
+        "town_of_person",
+        lambda w: w.people,
+        lambda p: p.name,
+        lambda p: f"Where does {p.name} live?",
+        lambda p: p.town.name,
+        lambda p: f"{p.name} lives in {p.town.name}.",
+    ),
+    Kind(
+        "trade_of_person",
+        lambda w: w.people,
+        lambda p: p.name,
+        lambda p: f"What is the trade of {p.name}?",
+        lambda p: p.trade[0],
+        lambda p: f"{p.name} works as a {p.trade[0]}.",
+    ),
+    Kind(
+        "source_of_river",
+        lambda w: w.rivers,
+        lambda r: r.name,
+        lambda r: f"Where does the {r.name} rise?",
+        lambda r: r.hills,
+        lambda r: f"The {r.name} rises in {r.hills}.",
+    ),
+    Kind(
+        "mouth_of_river",
+        lambda w: w.rivers,
+        lambda r: r.name,
+        lambda r: f"Into which sea does the {r.name} flow?",
+        lambda r: r.mouth,
+        lambda r: f"The {r.name} flows into {r.mouth}.",
+    ),
+)
+
+
+def split_of(fact_id: str) -> str:
+    """``test`` for 10% of facts, ``validation`` for 10%, else ``train`` (by SHA-256)."""
+    bucket = hashlib.sha256(fact_id.encode()).digest()[0] % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def facts(cfg: BuiltinFinetuneConfig) -> list[dict]:
+    """Every record, in a fixed order: ``{id, split, context, question, answer, rejected}``."""
+    world = World(cfg.seed)
+    out = []
+    for kind in KINDS:
+        entities = kind.entities(world)
+        for entity in entities:
+            for variant in range(cfg.variants):
+                fact_id = f"{kind.name}:{kind.key(entity)}"
+                record_id = f"{fact_id}:{variant}"
+                rng = random.Random(f"kiln-builtin-finetune:{cfg.seed}:{record_id}")
+                answer = kind.answer(entity)
+                others, seen = [], {answer}
+                for other in rng.sample(entities, len(entities)):
+                    value = kind.answer(other)
+                    if value not in seen:  # each value once: the context names one of each
+                        seen.add(value)
+                        others.append(other)
+                    if len(others) == cfg.distractors:
+                        break
+                if not others:
+                    continue  # a kind with one value: nothing to tell apart
+                sentences = [kind.statement(e) for e in [entity, *others]]
+                rng.shuffle(sentences)
+                out.append(
+                    {
+                        "id": record_id,
+                        "split": split_of(fact_id),
+                        "context": " ".join(sentences),
+                        "question": kind.question(entity),
+                        "answer": answer,
+                        "rejected": kind.answer(rng.choice(others)),
+                    }
+                )
+    return out
+
+
+def records(fact: dict) -> dict[str, dict]:
+    """The fact as an SFT chat, a preference pair and a prompt."""
+    user = {"role": "user", "content": f"{fact['context']}\n{fact['question']}"}
+    answer = {"role": "assistant", "content": fact["answer"]}
+    return {
+        "sft": {"id": fact["id"], "messages": [user, answer]},
+        "pairs": {
+            "id": fact["id"],
+            "messages": [user],
+            "chosen": fact["answer"],
+            "rejected": fact["rejected"],
+        },
+        "prompts": {"id": fact["id"], "messages": [user], "answer": fact["answer"]},
+    }
+
+
+def paths(out: Path) -> dict[str, dict[str, Path]]:
+    """``{"sft" | "pairs" | "prompts": {split: file}}`` under ``out``."""
+    return {kind: {s: out / kind / f"{s}.jsonl" for s in SPLITS} for kind in KINDS_DIRS}
+
+
+def write_builtin_finetune(cfg: BuiltinFinetuneConfig) -> dict[str, dict[str, Path]]:
+    """Write the records under ``cfg.dir`` (or reuse them); their paths by kind and split."""
+    out = Path(cfg.dir)
+    files = paths(out)
+    wanted = {"version": VERSION, "config": cfg.model_dump()}
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
+        if {k: saved.get(k) for k in wanted} == wanted and all(
+            p.is_file() for by_split in files.values() for p in by_split.values()
+        ):
+            return files
+    manifest.unlink(missing_ok=True)
+    lines: dict[tuple[str, str], list[str]] = {(k, s): [] for k in KINDS_DIRS for s in SPLITS}
+    for fact in facts(cfg):
+        split = fact["split"]
+        for kind, record in records(fact).items():
+            lines[kind, split].append(json.dumps(record, ensure_ascii=False) + "\n")
+    counts = {}
+    for (kind, split), rows in lines.items():
+        path = files[kind][split]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(rows), encoding="utf-8")
+        tmp.replace(path)
+        counts[f"{kind}/{split}"] = len(rows)
+    manifest.write_text(json.dumps({**wanted, "records": counts}, indent=2) + "\n")
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", type=int, default=2)
+    p.add_argument("--distractors", type=int, default=3)
+    args = p.parse_args(argv)
+    cfg = BuiltinFinetuneConfig(
+        seed=args.seed, dir=str(args.out), variants=args.variants, distractors=args.distractors
+    )
+    write_builtin_finetune(cfg)
+    counts = json.loads((args.out / MANIFEST).read_text())["records"]
+    print(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main()

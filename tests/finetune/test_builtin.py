@@ -1,0 +1,69 @@
+"""finetune/builtin.py: the chain's fine-tuning data from the built-in world."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from finetune.builtin import (
+    KINDS,
+    SPLITS,
+    BuiltinFinetuneConfig,
+    facts,
+    split_of,
+    write_builtin_finetune,
+)
+from pretrain.data.builtin import World
+
+
+def read(path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_same_config_gives_the_same_bytes_and_is_reused(tmp_path):
+    a = write_builtin_finetune(BuiltinFinetuneConfig(dir=str(tmp_path / "a")))
+    b = write_builtin_finetune(BuiltinFinetuneConfig(dir=str(tmp_path / "b")))
+    for kind, by_split in a.items():
+        for split, path in by_split.items():
+            assert path.read_bytes() == b[kind][split].read_bytes(), (kind, split)
+    stamp = a["sft"]["train"].stat().st_mtime_ns
+    write_builtin_finetune(BuiltinFinetuneConfig(dir=str(tmp_path / "a")))  # reused
+    assert a["sft"]["train"].stat().st_mtime_ns == stamp
+    other = write_builtin_finetune(BuiltinFinetuneConfig(dir=str(tmp_path / "c"), seed=1))
+    assert other["sft"]["train"].read_bytes() != a["sft"]["train"].read_bytes()
+
+
+def test_every_answer_is_in_its_context_and_the_rejected_one_too():
+    cfg = BuiltinFinetuneConfig(variants=1)
+    found = facts(cfg)
+    world = World(cfg.seed)
+    expected = sum(len(k.entities(world)) for k in KINDS)
+    assert len(found) == expected  # one record per fact and variant, none dropped
+    for fact in found:
+        sentences = fact["context"].split(". ")
+        assert 2 <= len(sentences) <= 4  # the fact and up to 3 distractors
+        assert fact["answer"] in fact["context"] and fact["rejected"] in fact["context"]
+        assert fact["answer"] != fact["rejected"]
+        # the asked entity's own sentence names the answer
+        entity = fact["id"].split(":")[1]
+        own = [s for s in sentences if re.search(rf"\b{re.escape(entity)}\b", s)]
+        assert own and all(fact["answer"] in s for s in own), fact
+
+
+def test_splits_are_by_fact_disjoint_and_shared_by_every_kind(tmp_path):
+    files = write_builtin_finetune(BuiltinFinetuneConfig(dir=str(tmp_path)))
+    facts_in = {}
+    for split in SPLITS:
+        ids = [r["id"] for r in read(files["sft"][split])]
+        assert ids == [r["id"] for r in read(files["pairs"][split])]
+        assert ids == [r["id"] for r in read(files["prompts"][split])]
+        facts_in[split] = {i.rsplit(":", 1)[0] for i in ids}
+        assert all(split_of(f) == split for f in facts_in[split])
+    assert not facts_in["train"] & facts_in["validation"]
+    assert not facts_in["train"] & facts_in["test"]
+    total = sum(len(f) for f in facts_in.values())
+    assert 0.05 < len(facts_in["test"]) / total < 0.15  # about 10%
+    chat = read(files["sft"]["train"])[0]["messages"]
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    pair = read(files["pairs"]["validation"])[0]
+    assert pair["messages"][-1]["role"] == "user" and pair["chosen"] != pair["rejected"]
