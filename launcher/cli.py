@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["pipeline"]:
+        from launcher.pipeline import pipeline_main
+
+        return pipeline_main(argv[1:])
     if argv[:1] == ["predict"]:
         return predict_main(argv[1:])
     if argv[:1] == ["plan"]:  # the pretraining model's memory planner (pretrain/memory/)
