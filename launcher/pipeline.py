@@ -34,6 +34,7 @@ from pydantic import Field
 
 from launcher.config import CONFIG_ROOT, Section, load_config
 from launcher.config_files import ConfigError, Problem
+from launcher.report import write_report
 from launcher.runner import LINEAGE, weight_digests
 from launcher.stages import find_stage
 
@@ -268,6 +269,9 @@ def run_pipeline(cfg: PipelineConfig, steps: list[Step]) -> int:
         state[step.id] = {**wanted, "finished": True, "seconds": round(seconds, 1)}
         _save_state(root, state)
         print(f"[kiln] pipeline {step.id}: done in {seconds:.0f} s -> {step.hf}", flush=True)
+    report = write_report(root, [(s.id, s.spec.stage) for s in steps])
+    print(f"[kiln] pipeline {cfg.name}: every stage finished; report: {report}", flush=True)
+    print(report.read_text().split("\n## ")[0], flush=True)  # the table
     return 0
 
 

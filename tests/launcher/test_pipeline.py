@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from launcher.cli import main as kiln_main
 from launcher.config import CONFIG_ROOT
+from launcher.report import figure
 from launcher.runner import weight_digests
 
 TINY = str(CONFIG_ROOT / "pretrain" / "tiny.yaml")
@@ -75,6 +77,21 @@ def test_a_bad_pipeline_file_names_its_keys(tmp_path, capsys):
     assert "stages.1.overrides: {hf:nope}: no stage before it" in err
 
 
+def test_every_panel_of_a_stage_figure_has_labelled_axes():
+    rows = [{"step": s, "train/tokens_seen": 100.0 * s, "train/loss": 5.0 / s} for s in (1, 2, 3)]
+    rows[-1] |= {"eval/loss": 1.5, "eval/bits_per_byte": 2.0, "eval/perplexity": 4.5}
+    fig = figure("pretrain", rows)
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+    assert labels == [("tokens seen", "value"), ("tokens seen", "eval/bits_per_byte")]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "train/loss",
+        "eval/loss",
+    ]
+    ppo = figure("ppo", [{"step": 1, "ppo/score": 0.2, "ppo/kl": 0.0, "train/loss": 1.0}])
+    assert [ax.get_ylabel() for ax in ppo.axes] == ["ppo/score", "ppo/kl"]
+    assert figure("sft", []) is None
+
+
 @pytest.mark.slow
 def test_a_chain_runs_skips_what_is_finished_and_reruns_what_changed(tmp_path):
     config = write_pipeline(tmp_path)
@@ -86,6 +103,12 @@ def test_a_chain_runs_skips_what_is_finished_and_reruns_what_changed(tmp_path):
     assert lineage["parent"]["path"] == str(parent_hf.resolve())
     assert lineage["parent"]["weights"] == weight_digests(parent_hf)  # what it loaded
     assert (chain / "logs" / "sft.log").read_text()
+    report = (chain / "report.md").read_text()
+    assert "| pretrain | pretrain | 10 |" in report and "| sft | sft | 4 |" in report
+    for image in ("pretrain.png", "sft.png"):
+        assert f"]({image})" in report
+        with Image.open(chain / image) as png:
+            assert png.format == "PNG" and png.size[0] > 200
 
     again = pipeline(tmp_path, config)  # nothing to do
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 2
