@@ -70,6 +70,9 @@ class Trainer:
         self.rng = Rng()  # a checkpoint's RNG, applied when training starts
         self.last_saved_step = -1
         self.control = StopControl(cfg, runtime)
+        self.started_at: float | None = None
+        self.parent_info: dict | None = None
+        """The parent's path and weight digests (main rank; ``runner``), for checkpoints."""
         self._abandoned: BaseException | None = None
         self._fetched: list[dict] | None = None  # the next step's micro-batches, agreed on
         self._warned_steps = False
@@ -262,6 +265,7 @@ class Trainer:
         stop (signal, time budget, train.stop_after): save the last completed step first,
         write PREEMPTED, evaluate nothing, and set ``stopped`` (the stage skips its export)."""
         started = self._last_log_time = time.time()
+        self.started_at = started  # this launch's start (the export's lineage records it)
         self.batches = iter(self.loader)
         self.rng.apply(self.runtime.rank)  # after iter(): creating the iterator draws a seed
         self._first_step = self.state.step

@@ -91,6 +91,7 @@ def save(trainer: Trainer, reason: str) -> Path:
             "config_fingerprint": cfg.fingerprint(),
             "states": list(named),
             "saved_at": time.time(),
+            "parent": trainer.parent_info,
         }
         commit(tmp, final, files, meta)
         protect = {trainer.resumed_from} if trainer.resumed_from else set()

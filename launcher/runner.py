@@ -14,8 +14,11 @@ a parent's, for a stage that starts from one).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,6 +67,8 @@ def _run(cfg, runtime: Runtime, make_task, prepare, callbacks, parent) -> dict[s
     if runtime.is_main:
         save_config(cfg, cfg.run_dir)  # the resolved config; every checkpoint copies it
     trainer = Trainer(cfg, runtime, task, callbacks or default_callbacks(cfg))
+    if runtime.is_main and parent is not None:  # once: hashing a large parent takes seconds
+        trainer.parent_info = parent_lineage(parent)
     trainer.setup()
     results = trainer.fit()
     if trainer.stopped or type(task).export is Task.export:  # stopped, or nothing to export
@@ -131,27 +136,63 @@ def weight_digests(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
 
 
+def parent_lineage(parent: Path) -> dict:
+    """A parent model directory's path and the SHA-256 of its weight files."""
+    parent = Path(parent).resolve()
+    return {"path": str(parent), "weights": weight_digests(parent)}
+
+
+def code_version() -> dict:
+    """The installed package's version and, in a git checkout, its commit (None otherwise;
+    "+dirty" when tracked files differ from it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("kiln-llm")
+    except PackageNotFoundError:
+        package = None
+    repo, commit = Path(__file__).resolve().parents[1], None
+    if (repo / ".git").exists():
+        try:
+            git = ["git", "-C", str(repo)]
+            head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True)  # fmt: skip
+            if head.returncode == 0:
+                commit = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        except OSError:  # no git on this machine
+            commit = None
+    return {"package": package, "git_commit": commit}
+
+
 def write_lineage(
     out: Path, trainer: Trainer, parent: Path | None = None, checkpoint: Path | None = None
 ) -> Path:
     """``out/kiln.json``: what made this model directory (written last, before the rename);
     ``checkpoint``: the one whose weights were exported, when not the last step's."""
+    cfg = trainer.cfg
+    data = getattr(cfg, "data", None)
+    data_json = json.dumps(data.model_dump(mode="json"), sort_keys=True) if data else ""
     info = {
         "stage": trainer.task.name,
+        "run_name": cfg.run.name,
         "step": trainer.state.step,
         "weights_from": str(checkpoint) if checkpoint else "the last step",
         "tokens": trainer.state.tokens,
-        "config_fingerprint": trainer.cfg.fingerprint(),
-        "run_dir": str(trainer.cfg.run_dir.resolve()),
+        "config_fingerprint": cfg.fingerprint(),
+        "data_fingerprint": hashlib.sha256(data_json.encode()).hexdigest()[:16],
+        "run_dir": str(cfg.run_dir.resolve()),
         "weights": weight_digests(out),
+        "code": code_version(),
+        "started_at": trainer.started_at,
+        "finished_at": time.time(),
+        "final_metrics": trainer.last_logged,
         "parent": None,
     }
     if parent is not None:
-        parent = Path(parent).resolve()
-        lineage = parent / LINEAGE
+        lineage = Path(parent).resolve() / LINEAGE
         info["parent"] = {
-            "path": str(parent),
-            "weights": weight_digests(parent),
+            **(trainer.parent_info or parent_lineage(parent)),
             "lineage": json.loads(lineage.read_text()) if lineage.exists() else None,
         }
     path = out / LINEAGE

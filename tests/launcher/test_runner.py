@@ -92,6 +92,16 @@ def test_a_stage_started_from_a_parent_records_it(tmp_path, with_parent):
     assert lineage["parent"]["weights"] == {
         "model.safetensors": sha256_file(parent / "model.safetensors")
     }
+    # and the rest of the lineage: code, times, final metrics, the data's fingerprint
+    assert lineage["code"]["package"] == "0.1.0" and lineage["run_name"] == cfg.run.name
+    assert lineage["started_at"] <= lineage["finished_at"]
+    assert lineage["final_metrics"]["train/loss"] > 0 and len(lineage["data_fingerprint"]) == 16
+    # every checkpoint's manifest names the same parent
+    manifests = list((cfg.run_dir / "checkpoints").glob("step-*/manifest.json"))
+    assert manifests  # the final checkpoint at least
+    for manifest in manifests:
+        meta = json.loads(manifest.read_text())["meta"]
+        assert meta["parent"] == {k: lineage["parent"][k] for k in ("path", "weights")}
 
 
 if __name__ == "__main__":
