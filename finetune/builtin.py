@@ -216,6 +216,14 @@ def write_builtin_finetune(cfg: BuiltinFinetuneConfig) -> dict[str, dict[str, Pa
     return files
 
 
+def prepare(**settings) -> Path:
+    """``kiln pipeline``'s ``prepare`` hook: the data of ``BuiltinFinetuneConfig(**settings)``
+    written (or reused); returns its folder."""
+    cfg = BuiltinFinetuneConfig(**settings)
+    write_builtin_finetune(cfg)
+    return Path(cfg.dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path)

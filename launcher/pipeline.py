@@ -3,7 +3,10 @@
 A pipeline config lists stages (``{stage, config, overrides, nproc, parent, id}``). Every run
 lives under ``<output_dir>/<name>/<id>/``; a stage's ``init.path`` is its parent's ``hf/``
 (by default the stage before it; ``parent: null`` keeps the stage config's own), and an
-override may name another stage's export as ``{hf:<id>}`` (PPO's reward model).
+override may name another stage's export as ``{hf:<id>}`` (PPO's reward model). ``prepare``
+calls (``package.module:function`` with keyword arguments, e.g. the built-in fine-tuning data
+of ``finetune.builtin:prepare``) run first; overrides name the path each returns as
+``{<name>}``.
 
 Before anything runs, every stage config is loaded with its own ``Stage.config_class`` and
 every problem of every stage is reported at once (exit 2), except those of keys that name an
@@ -62,37 +65,30 @@ class PipelineStage(Section):
         return self.id or self.stage
 
 
+class PrepareStep(Section):
+    call: str
+    """``package.module:function``, called with ``with`` as keyword arguments; it returns the
+    path it prepared (``finetune.builtin:prepare``: the built-in fine-tuning data)."""
+    with_: dict = Field(default_factory=dict, alias="with")
+    name: str = "data"
+    """Overrides name the returned path as ``{<name>}``."""
+
+
 class PipelineConfig(Section):
     name: str = "pipeline"
     output_dir: str = "runs"
     nproc: int = Field(1, gt=0)
-    finetune_data: dict | None = None
-    """Write the built-in fine-tuning data first (``finetune.builtin.BuiltinFinetuneConfig``:
-    seed, dir, variants, distractors; reused when already there); overrides name its folder
-    as ``{data}``."""
+    prepare: list[PrepareStep] = Field(default_factory=list)
+    """Calls made before the stages are checked (e.g. writing their data), in order."""
     stages: list[PipelineStage] = Field(min_length=1)
-
-    def data_config(self):
-        """The ``finetune_data`` section, validated (``ConfigError`` naming its keys)."""
-        from pydantic import ValidationError
-
-        from finetune.builtin import BuiltinFinetuneConfig  # the one stage-specific input
-
-        try:
-            return BuiltinFinetuneConfig.model_validate(self.finetune_data)
-        except ValidationError as exc:
-            problems = [
-                Problem("finetune_data." + ".".join(map(str, e["loc"])), e["msg"])
-                for e in exc.errors()
-            ]
-            raise ConfigError(problems) from None
 
 
 class Step:
     """One stage of a loaded pipeline: where it runs, its parent, its overrides."""
 
-    def __init__(self, spec: PipelineStage, root: Path, parent: Step | None, nproc: int, data: str):
-        self.spec, self.id, self.root, self.data = spec, spec.name, root, data
+    def __init__(self, spec: PipelineStage, root: Path, parent: Step | None, nproc: int):
+        self.spec, self.id, self.root = spec, spec.name, root
+        self.prepared: dict[str, str] = {}  # {name} -> the path a prepare call returned
         self.parent = parent
         self.nproc = spec.nproc or nproc
         self.run_dir = root / self.id
@@ -110,7 +106,9 @@ class Step:
             for ref in PLACEHOLDER.findall(item):
                 self.refs[key] = ref
             item = PLACEHOLDER.sub(lambda m: str(steps[m.group(1)].hf), item)
-            out.append(item.replace("{data}", self.data))
+            for name, value in self.prepared.items():
+                item = item.replace(f"{{{name}}}", value)
+            out.append(item)
         return [*out, f"dist.num_processes={self.nproc}"]
 
     def command(self, steps: dict[str, Step]) -> list[str]:
@@ -123,7 +121,6 @@ def load_pipeline(path: str | Path) -> tuple[PipelineConfig, list[Step]]:
     stage, duplicate id, a parent or ``{hf:id}`` that names no stage before it)."""
     cfg = load_config(PipelineConfig, path)
     root = Path(cfg.output_dir) / cfg.name
-    data = cfg.data_config().dir if cfg.finetune_data is not None else ""
     steps: dict[str, Step] = {}
     problems: list[Problem] = []
     previous = None
@@ -145,13 +142,28 @@ def load_pipeline(path: str | Path) -> tuple[PipelineConfig, list[Step]]:
         for ref in (r for o in spec.overrides for r in PLACEHOLDER.findall(o)):
             if ref not in steps:
                 problems.append(Problem(f"{key}.overrides", f"{{hf:{ref}}}: no stage before it"))
-        if data == "" and any("{data}" in o for o in spec.overrides):
-            problems.append(Problem(f"{key}.overrides", "{data} without a finetune_data section"))
-        step = Step(spec, root, parent, cfg.nproc, data)
+        step = Step(spec, root, parent, cfg.nproc)
         steps[spec.name] = previous = step
     if problems:
         raise ConfigError(problems, str(path))
     return cfg, list(steps.values())
+
+
+def prepare(cfg: PipelineConfig) -> dict[str, str]:
+    """Make every ``prepare`` call; ``{name: returned path}``. A call that cannot be imported
+    or fails is a ``ConfigError`` naming its entry."""
+    import importlib
+
+    prepared = {}
+    for i, step in enumerate(cfg.prepare):
+        module_name, _, attr = step.call.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), attr)
+            prepared[step.name] = str(function(**step.with_))
+        except Exception as exc:  # the user's call: any failure is this entry's problem
+            problem = Problem(f"prepare.{i}", f"{step.call}: {type(exc).__name__}: {exc}")
+            raise ConfigError([problem]) from exc
+    return prepared
 
 
 def check_all(steps: list[Step]) -> list[str]:
@@ -286,10 +298,13 @@ def pipeline_main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"kiln: {exc}", file=sys.stderr)
         return 2
-    if cfg.finetune_data is not None:  # before the checks: stage configs name its files
-        from finetune.builtin import write_builtin_finetune
-
-        write_builtin_finetune(cfg.data_config())
+    try:  # before the checks: stage configs name what they write
+        prepared = prepare(cfg)
+    except ConfigError as exc:
+        print(f"kiln: {exc}", file=sys.stderr)
+        return 2
+    for step in steps:
+        step.prepared = prepared
     problems = check_all(steps)
     if problems:
         print(f"kiln: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the "

@@ -29,7 +29,8 @@ def write_pipeline(root: Path, pretrain: list[str] = (), sft: list[str] = ()) ->
     spec = {
         "name": "chain",
         "output_dir": str(root / "runs"),
-        "finetune_data": {"dir": str(root / "data"), "variants": 1},
+        "prepare": [{"call": "finetune.builtin:prepare",
+                     "with": {"dir": str(root / "data"), "variants": 1}}],
         "stages": [
             {"stage": "pretrain", "config": TINY,
              "overrides": [f"data.builtin.dir={root / 'corpus'}", "train.max_steps=10",
@@ -50,7 +51,7 @@ def pipeline(root: Path, config: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "launcher", "pipeline", str(config)],
         cwd=root, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
     )  # fmt: skip
 
 
@@ -132,3 +133,14 @@ def test_a_chain_runs_skips_what_is_finished_and_reruns_what_changed(tmp_path):
     assert "stage sft (sft) failed: exit status 1" in failed.stderr
     assert str(chain / "logs" / "sft.log") in failed.stderr
     assert str(missing) in (chain / "logs" / "sft.log").read_text()
+
+
+def test_a_failing_prepare_call_is_named_and_nothing_runs(tmp_path, capsys):
+    config = write_pipeline(tmp_path)
+    spec = yaml.safe_load(config.read_text())
+    spec["prepare"][0]["with"]["variants"] = 0  # BuiltinFinetuneConfig: must be > 0
+    config.write_text(yaml.safe_dump(spec))
+    assert kiln_main(["pipeline", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "prepare.0: finetune.builtin:prepare: ValidationError" in err and "variants" in err
+    assert not (tmp_path / "runs" / "chain" / "pretrain").exists()
