@@ -63,16 +63,14 @@ class FrozenModels:
     config key that names them, and their weight files' SHA-256: a run-wide checkpoint state
     (``RunJson``). They are not checkpointed, so a resume reloads them from their
     directories; one whose weights changed since the checkpoint would silently train against
-    another model, and is refused instead, naming it. Digests are computed once per run."""
+    another model, and is refused instead, naming it."""
 
     def __init__(self, models: dict[str, str | Path]) -> None:
         self.models = {key: Path(path) for key, path in models.items()}
-        self._digests: dict[str, dict[str, str]] | None = None
 
     def digests(self) -> dict[str, dict[str, str]]:
-        if self._digests is None:
-            self._digests = {key: weight_digests(p) for key, p in self.models.items()}
-        return self._digests
+        """Each model's weight digests (``weight_digests`` hashes a file version once)."""
+        return {key: weight_digests(p) for key, p in self.models.items()}
 
     def state_dict(self) -> dict:
         digests = self.digests()

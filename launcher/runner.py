@@ -14,6 +14,7 @@ a parent's, for a stage that starts from one).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import shutil
@@ -132,8 +133,19 @@ def export_atomically(out: Path, write: Callable[[Path], object]) -> None:
 
 
 def weight_digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of each weight file (safetensors) of an HF directory, by name."""
-    return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    """SHA-256 of each weight file (safetensors) of an HF directory, by name. Hashed once per
+    process per file version (path, size, mtime): a stage's parent is both its lineage and
+    its frozen reference, and a large one takes seconds to hash."""
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        stat = path.stat()
+        out[path.name] = _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return out
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
 
 def parent_lineage(parent: Path) -> dict:
