@@ -35,9 +35,11 @@ lock: setup
 	  echo "# \`make lock\` regenerates this file from the virtualenv (see README: upgrading)."; \
 	  $(BIN)/pip freeze --exclude-editable | sed -E 's/\+cpu$$//'; } > $(LOCK)
 
-# The main job on the built-in default: no data, no GPU. 2 processes, ZeRO-2.
+# The main job on the built-in default: no data, no GPU. The whole chain (pretrain -> SFT ->
+# reward -> DPO, PPO; classification), 2 processes per stage, ZeRO-2; runs/demo-chain/report.md.
+# Pretraining alone: $(BIN)/python -m launcher pretrain configs/pretrain/demo.yaml --nproc 2
 demo: setup
-	$(BIN)/python -m launcher pretrain configs/pretrain/demo.yaml --nproc 2
+	$(BIN)/python -m launcher pipeline configs/pipeline/demo.yaml
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,16 +4,23 @@ for the same config; a folder already written from the same config is reused.
 
 Every record asks about one *fact* of the world (the river through a town, a town's region, a
 person's town or trade, where a river rises or ends) after a *context*: a short paragraph
-stating that fact among ``distractors`` facts of the same kind about other entities, in a
-seeded order. The answer is always in the context, so a small model can learn to copy the right
-entity within minutes (a real effect for the chain to show), and a wrong answer of the same
-kind is at hand for the preference pairs:
+stating that fact among ``distractors`` facts of *other* kinds about other entities, in a
+seeded order. Each kind has its own phrase before its value ("lives in", "works as a", "runs
+the"), so the answer is read from the context by finding the sentence of the question's kind
+and copying what follows its phrase: a small model learns that within minutes (a real effect
+for the chain to show). Held-out facts are answered only by reading: they were never seen in
+training. (Distractors of the *same* kind, "Leon Dalemore lives in Tordale. Ulric Hollowridge
+lives in Harholm.", would need a lookup by the asked name, an induction-head copy that the
+12M-parameter demo model, pretrained for 3 minutes, did not learn in 3 minutes of SFT: exact
+match stayed at 0.16-0.20, always naming a frequent value.) Records are in a seeded order
+(kinds mixed):
 
 - ``sft/<split>.jsonl``: ``{"id", "messages": [user: context + question, assistant: answer]}``
-- ``pairs/<split>.jsonl``: ``{"id", "messages": [user], "chosen": answer, "rejected": the
-  value a distractor fact gives}`` (the reward and DPO stages' chat pairs)
-- ``prompts/<split>.jsonl``: ``{"id", "messages": [user], "answer"}`` (PPO and GRPO ignore
-  ``answer``; scoring scripts use it)
+- ``pairs/<split>.jsonl``: ``{"id", "messages": [user], "chosen": answer, "rejected": a value
+  of the same kind the context does not name}`` (the reward and DPO stages' chat pairs: a
+  reward model learns to check an answer against the context)
+- ``prompts/<split>.jsonl``: ``{"id", "messages": [user], "answer"}`` (PPO and GRPO read the
+  prompt only; scoring scripts use the answer)
 
 Splits (``train``, ``validation``, ``test``) go by a hash of the fact (kind and entity, not
 the variant: a held-out fact was never seen with another context): 10% test, 10% validation,
@@ -42,7 +49,7 @@ from pretrain.data.builtin import World
 SPLITS = ("train", "validation", "test")
 KINDS_DIRS = ("sft", "pairs", "prompts")
 MANIFEST = "manifest.json"
-VERSION = 1
+VERSION = 4
 """Bumped whenever the records a config gives change (a reused folder must be the same)."""
 
 
@@ -53,8 +60,7 @@ class BuiltinFinetuneConfig(Section):
     variants: int = Field(2, gt=0)
     """Contexts per fact (different distractors and orders)."""
     distractors: int = Field(3, ge=1)
-    """Other facts of the same kind in each context (fewer when the world has too few
-    distinct values, e.g. its six regions)."""
+    """Facts of other kinds in each context (at most one per kind: five)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ KINDS = (
         lambda t: t.name,
         lambda t: f"Which river runs through {t.name}?",
         lambda t: t.river.name,
-        lambda t: f"The {t.river.name} runs through {t.name}.",
+        lambda t: f"Through {t.name} runs the {t.river.name}.",
     ),
     Kind(
         "region_of_town",
@@ -134,34 +140,39 @@ def facts(cfg: BuiltinFinetuneConfig) -> list[dict]:
     out = []
     for kind in KINDS:
         entities = kind.entities(world)
+        values = sorted({kind.answer(e) for e in entities})
+        others = [k for k in KINDS if k is not kind]
         for entity in entities:
             for variant in range(cfg.variants):
                 fact_id = f"{kind.name}:{kind.key(entity)}"
                 record_id = f"{fact_id}:{variant}"
                 rng = random.Random(f"kiln-builtin-finetune:{cfg.seed}:{record_id}")
                 answer = kind.answer(entity)
-                others, seen = [], {answer}
-                for other in rng.sample(entities, len(entities)):
-                    value = kind.answer(other)
-                    if value not in seen:  # each value once: the context names one of each
-                        seen.add(value)
-                        others.append(other)
-                    if len(others) == cfg.distractors:
-                        break
-                if not others:
-                    continue  # a kind with one value: nothing to tell apart
-                sentences = [kind.statement(e) for e in [entity, *others]]
+                sentences = [kind.statement(entity)]
+                for other in rng.sample(others, min(cfg.distractors, len(others))):
+                    candidates = other.entities(world)
+                    for _ in range(20):  # one that names neither the entity nor the answer
+                        said = other.statement(rng.choice(candidates))
+                        if kind.key(entity) not in said and answer not in said:
+                            sentences.append(said)
+                            break
                 rng.shuffle(sentences)
+                context = " ".join(sentences)
+                # the rejected answer: a value of the kind the context does not name (a
+                # reward model learns to check an answer against the context)
+                absent = [v for v in values if v != answer and v not in context]
                 out.append(
                     {
                         "id": record_id,
                         "split": split_of(fact_id),
-                        "context": " ".join(sentences),
+                        "context": context,
                         "question": kind.question(entity),
                         "answer": answer,
-                        "rejected": kind.answer(rng.choice(others)),
+                        "rejected": rng.choice(absent),
                     }
                 )
+    # kinds mixed: the first records of a split (a scored sample) are not all of one kind
+    random.Random(f"kiln-builtin-finetune:{cfg.seed}:order").shuffle(out)
     return out
 
 

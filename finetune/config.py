@@ -64,9 +64,18 @@ class PeftSection(Section):
     """Prefix / prompt tuning: learned virtual tokens."""
 
 
+class GenerationEval(Section):
+    exact_match: int = Field(0, ge=0)
+    """Validation examples answered greedily at every evaluation, the answer compared with
+    the reference (the first assistant turn, spaces at the ends ignored): ``eval/exact_match``.
+    0: none."""
+    max_new_tokens: int = Field(32, gt=0)
+
+
 class SFTConfig(RunConfig):
     data: SFTDataSection
     chat: ChatSection = ChatSection()
+    generation: GenerationEval = GenerationEval()
     peft: PeftSection | None = None
     """null: full fine-tuning; else {method: lora|prefix|prompt, ...}."""
 

@@ -21,6 +21,8 @@ from finetune.chat import chosen_template
 from finetune.classify_data import require_distinct_pad
 from finetune.common import FrozenModels, PairBatches, announce_data, record_counters, size
 from finetune.dpo_config import DPOConfig, DPOSection
+from finetune.grpo import PromptEncoder
+from finetune.judge import Judge
 from finetune.peft_setup import load_parent, reference_model, trainable_parameters
 from finetune.reward_data import PairEncoder, read_pair_sets
 from finetune.sft import SFTTask, export_checkpoint
@@ -96,8 +98,16 @@ class DPOTask(PairBatches, Task):
             shuffle=cfg.data.shuffle,
         )
         self.reference: nn.Module | None = None
-        used = cfg.dpo.reference != "none" and cfg.peft is None
-        self.frozen = FrozenModels({"init.path (the DPO reference)": self.parent} if used else {})
+        self.judge = None
+        if cfg.judge is not None:
+            limit = cfg.data.max_seq_len - cfg.judge.max_new_tokens
+            encoder = PromptEncoder(self.tokenizer, limit, self.template, "judge")
+            self.judge = Judge(cfg.judge, encoder, runtime, cfg.train.micro_batch_size)
+        used = (cfg.dpo.reference != "none" or self.judge is not None) and cfg.peft is None
+        frozen = {"init.path (the DPO reference)": self.parent} if used else {}
+        if self.judge is not None:
+            frozen["judge.reward_model"] = cfg.judge.reward_model
+        self.frozen = FrozenModels(frozen)
         self.trainable = (0, 0)
         if runtime.is_main:
             what = f"{len(self.train_set)} training pairs, {size(self.validation)} validation"
@@ -114,7 +124,9 @@ class DPOTask(PairBatches, Task):
         """The frozen reference: the parent again (full fine-tuning), none with LoRA; with
         ``dpo.reference: precompute`` it scores every pair now and is freed."""
         mode = self.cfg.dpo.reference
-        if mode == "none":
+        if self.judge is not None:  # it measures the KL to the parent whatever the loss uses
+            self.judge.load(self.cfg.run.seed)
+        elif mode == "none":
             return
         if self.cfg.peft is None:
             parent = load_parent(self.parent, None, self.cfg.run.seed)
@@ -123,7 +135,8 @@ class DPOTask(PairBatches, Task):
             self._precompute(engine, self.train_set.examples)
             if self.validation is not None:
                 self._precompute(engine, self.validation.examples)
-            self.reference = None
+            if self.judge is None:
+                self.reference = None
 
     def _precompute(self, engine: nn.Module, examples: list) -> None:
         """The reference's summed log-probs of every pair, into each chosen and rejected
@@ -182,6 +195,14 @@ class DPOTask(PairBatches, Task):
         return (losses * real).sum()
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The validation pairs' scores and the judge's (``finetune/judge.py``)."""
+        out = self._pair_scores(model)
+        if self.judge is not None:
+            reference = lambda: reference_model(self.reference, model)  # noqa: E731
+            out |= self.judge(model, lambda m: m, reference, self.tokenizer)
+        return out
+
+    def _pair_scores(self, model: nn.Module) -> dict[str, float]:
         """Loss, implicit-reward accuracy (a tie is wrong), margin and log-probs over the whole
         validation set; every rank runs the same number of batches."""
         if self.validation is None:

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from finetune.config import ChatSection, PeftSection, pair_stage_problems
+from finetune.judge import JudgeSection
 from finetune.reward_config import RewardData
 from launcher.config import Section
 from launcher.run_config import BestSection, RunConfig
@@ -38,6 +39,9 @@ class DPOConfig(RunConfig):
     """null: full fine-tuning (the reference is a frozen copy of the parent); lora: adapters
     (the reference is the actor with its adapters disabled, no second copy)."""
     dpo: DPOSection = DPOSection()
+    judge: JudgeSection | None = None
+    """Held-out prompts answered by the policy and scored by a reward model at every
+    evaluation (``eval/reward_mean``, ``eval/reward_std``, ``eval/kl`` to the parent)."""
 
     @model_validator(mode="after")
     def _best_by_accuracy(self) -> DPOConfig:
@@ -49,3 +53,5 @@ class DPOConfig(RunConfig):
     def problems(self) -> Iterable[tuple[str, str]]:
         yield from super().problems()
         yield from pair_stage_problems(self, "dpo", ("ForCausalLM",), "not a causal LM")
+        if self.judge is not None and self.judge.reward_model is None:
+            yield "judge.reward_model", "required: the reward-stage export that scores answers"

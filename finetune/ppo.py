@@ -32,8 +32,9 @@ from torch import nn
 
 from finetune.chat import chosen_template
 from finetune.common import FrozenModels, announce_data, record_counters
-from finetune.grpo import PromptEncoder, _left_mask
+from finetune.grpo import PromptEncoder
 from finetune.grpo_config import import_reward
+from finetune.judge import Judge, left_padded_generate
 from finetune.peft_setup import reference_model, trainable_parameters
 from finetune.ppo_config import PPOConfig
 from finetune.ppo_model import (
@@ -156,6 +157,14 @@ class PPOTask(Task):
         frozen = {} if cfg.peft is not None else {"init.path (the KL reference)": self.parent}
         if p.reward_model is not None:
             frozen["ppo.reward_model"] = p.reward_model
+        self.judge = None
+        if cfg.judge is not None:
+            limit = cfg.data.max_seq_len - cfg.judge.max_new_tokens
+            judge_encoder = PromptEncoder(self.tokenizer, limit, self.template, "judge")
+            micro = cfg.train.micro_batch_size
+            self.judge = Judge(cfg.judge, judge_encoder, runtime, micro)
+            if cfg.judge.reward_model is not None:
+                frozen["judge.reward_model"] = cfg.judge.reward_model
         self.frozen = FrozenModels(frozen)
         if runtime.is_main:
             what = (
@@ -200,9 +209,13 @@ class PPOTask(Task):
         rt, p = self.runtime, self.cfg.ppo
         if self.cfg.peft is None:
             self.reference = rt.prepare_frozen(load_actor(self.parent, None, self.cfg.run.seed))
-        if p.reward_model is None:
-            return
-        folder = Path(p.reward_model)
+        if p.reward_model is not None:
+            self._load_reward_model(Path(p.reward_model))
+        if self.judge is not None:
+            self.judge.load(self.cfg.run.seed, shared=self.reward_model)
+
+    def _load_reward_model(self, folder: Path) -> None:
+        rt = self.runtime
         self.reward_model = load_frozen_reward_model(rt, folder, self.cfg.run.seed)
         stats = reward_stats(folder)
         if stats is None:
@@ -399,29 +412,12 @@ class PPOTask(Task):
     def _generate(self, policy: nn.Module, prompts: list[torch.Tensor]) -> list:
         """(prompt + response ids, prompt length, ended with EOS) of each prompt: one response
         each, cut after its first EOS."""
-        p, tok, device = self.cfg.ppo, self.tokenizer, self.runtime.device
-        lengths = [len(ids) for ids in prompts]
-        width = max(lengths)
-        left = torch.full((len(lengths), width), tok.pad_id, dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            left[row, width - len(ids) :] = ids
+        p = self.cfg.ppo
         sampling = {"do_sample": True, "temperature": p.temperature, "top_k": 0, "top_p": 1.0}
-        out = policy.generate(
-            input_ids=left.to(device),
-            attention_mask=_left_mask(lengths, width, 1, device),
-            max_new_tokens=p.max_new_tokens,
-            eos_token_id=tok.eos_id,
-            pad_token_id=tok.pad_id,
-            **(sampling if p.do_sample else {"do_sample": False}),
+        sampling = sampling if p.do_sample else {"do_sample": False}
+        return left_padded_generate(
+            policy, prompts, self.tokenizer, p.max_new_tokens, self.runtime.device, sampling
         )
-        responses = out[:, width:].cpu()
-        is_eos = responses == tok.eos_id
-        ended = is_eos.any(1)
-        ends = torch.where(ended, is_eos.int().argmax(1) + 1, responses.shape[1])
-        rows = []
-        for i, n in enumerate(ends.tolist()):
-            rows.append((torch.cat([prompts[i], responses[i, :n]]), lengths[i], bool(ended[i])))
-        return rows
 
     def _scores(self, input_ids, attention, texts: list[str], where: list[str]) -> torch.Tensor:
         """One score per response: the rule's, or the reward model's at the last token (rows
@@ -480,6 +476,14 @@ class PPOTask(Task):
         record("ppo/value_clipfrac", vf.clipfrac / count)
         record("ppo/approxkl", pg.approxkl / count)
         return pg.loss + p.vf_coef * vf.loss
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The judge's scores of the actor on held-out prompts (none without ``judge``)."""
+        if self.judge is None:
+            return {}
+        policy = getattr(model, "module", model).policy
+        reference = lambda: reference_model(self.reference, policy)  # noqa: E731
+        return self.judge(model, lambda m: m.policy, reference, self.tokenizer)
 
     def on_log(self) -> None:
         record_counters(self.train_set, self.trainable[0])

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from finetune.config import ChatSection, PeftSection, pair_stage_problems
 from finetune.grpo_config import PromptData, import_reward, reward_model_problems
+from finetune.judge import JudgeSection
 from launcher.config import Section
 from launcher.run_config import RunConfig
 
@@ -83,6 +84,9 @@ class PPOConfig(RunConfig):
     on the actor (the reference is the actor with them disabled; a separate critic is
     trained in full)."""
     ppo: PPOSection = PPOSection()
+    judge: JudgeSection | None = None
+    """Held-out prompts answered by the policy and scored by a reward model (default
+    ``ppo.reward_model``) at every evaluation: ``eval/reward_mean``, ``eval/kl``..."""
 
     @property
     def steps_per_iteration(self) -> int:
@@ -120,6 +124,12 @@ class PPOConfig(RunConfig):
         if p.reward_model is not None:
             yield from reward_model_problems(
                 Path(p.reward_model), self.init.path, "ppo.reward_model"
+            )
+        if self.judge is not None and self.judge.reward_model is None and p.reward_model is None:
+            yield "judge.reward_model", "required with a rule reward: the export that scores"
+        if self.judge is not None and self.judge.reward_model is not None:
+            yield from reward_model_problems(
+                Path(self.judge.reward_model), self.init.path, "judge.reward_model"
             )
         if p.critic == "reward_model" and p.reward_model is None:
             yield "ppo.critic", "reward_model: no ppo.reward_model to start the critic from"

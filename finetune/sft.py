@@ -129,7 +129,50 @@ class SFTTask(Task):
         rt.all_reduce(totals)
         nats, tokens = totals.tolist()
         self._write_samples(model)
-        return {"eval/loss": nats / max(tokens, 1.0), "eval/target_tokens": tokens}
+        scores = self._exact_match(model) if self.cfg.generation.exact_match else {}
+        return {"eval/loss": nats / max(tokens, 1.0), "eval/target_tokens": tokens, **scores}
+
+    def _answer(self, module: nn.Module, example, max_new: int) -> tuple[int, list[int]]:
+        """(where the first trained token is, the greedy answer's tokens after it)."""
+        tok, device = self.tokenizer, self.runtime.device
+        first = int(example.loss_mask.argmax())
+        prompt = torch.from_numpy(example.tokens[None, :first].astype("int64")).to(device)
+        out = module.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+        )
+        return first, out[0, first:].tolist()
+
+    def _exact_match(self, model: nn.Module) -> dict[str, float]:
+        """The share of the first ``generation.exact_match`` validation examples whose greedy
+        answer is their reference. Each rank answers its share; every rank makes the same
+        number of ``generate`` calls (ZeRO-3 gathers are collectives), repeating its last
+        example uncounted where its share is short."""
+        rt, tok, gen = self.runtime, self.tokenizer, self.cfg.generation
+        head = self.validation.examples[: gen.exact_match]
+        chosen = [e for e in head if e.loss_mask.argmax() > 0]
+        if not chosen:
+            return {}
+        mine = chosen[rt.rank :: rt.world_size]
+        calls = -(-len(chosen) // rt.world_size)
+        hits = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        with rt.generating(model) as module:
+            for i in range(calls):
+                example = mine[min(i, len(mine) - 1)] if mine else chosen[0]
+                first, new = self._answer(module, example, gen.max_new_tokens)
+                if i >= len(mine):
+                    continue
+                mask = example.loss_mask[first:]
+                end = int(mask.argmin()) if not mask.all() else len(mask)  # first turn only
+                reference = tok.decode(example.tokens[first : first + end].tolist(), True)
+                answer = tok.decode(new, skip_special_tokens=True)
+                hits += torch.tensor([answer.strip() == reference.strip(), 1.0], device=rt.device)
+        rt.all_reduce(hits)
+        return {"eval/exact_match": float(hits[0] / hits[1])}
 
     def _write_samples(self, model: nn.Module) -> None:
         """Every rank generates (ZeRO-3 gathers are collectives); the main rank writes."""
@@ -137,20 +180,9 @@ class SFTTask(Task):
         rows = []
         with rt.generating(model) as module:
             for example in self.validation.examples[:SAMPLES]:
-                first = int(example.loss_mask.argmax())  # the first trained token
-                if first == 0:  # an empty prompt: nothing to generate from
+                if example.loss_mask.argmax() == 0:  # an empty prompt: nothing to answer
                     continue
-                prompt = torch.from_numpy(example.tokens[None, :first].astype("int64"))
-                prompt = prompt.to(rt.device)
-                out = module.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=SAMPLE_TOKENS,
-                    do_sample=False,
-                    eos_token_id=tok.eos_id,
-                    pad_token_id=tok.pad_id,
-                )
-                new = out[0, prompt.shape[1] :].tolist()
+                first, new = self._answer(module, example, SAMPLE_TOKENS)
                 rows.append(
                     {
                         "evaluation": self.evaluations,

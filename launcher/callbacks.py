@@ -13,9 +13,19 @@ class Evaluate(Callback):
     """Evaluate every ``every`` steps (if set) and at the end of training; with
     ``checkpoint.best``, note a new best evaluation (the Checkpoint callback saves it)."""
 
-    def __init__(self, every: int | str | None, best: BestSection | None = None):
-        self.every, self.best = every, best
+    def __init__(
+        self, every: int | str | None, best: BestSection | None = None, at_start: bool = False
+    ):
+        self.every, self.best, self.at_start = every, best, at_start
         self._done_at = -1
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """The parent's scores, logged at step 0 (a fresh run only: a resumed one has them):
+        every metric's first value is then the "before" of the stage."""
+        if self.at_start and trainer.state.step == 0:
+            trainer.evaluate()
+            self._done_at = 0
+            trainer.log_now()
 
     def on_step_end(self, trainer: Trainer) -> None:
         every = trainer.steps_per_epoch if self.every == "epoch" else self.every
@@ -94,7 +104,7 @@ def default_callbacks(cfg) -> list[Callback]:
     """Evaluate before logging, so an evaluation lands in the same metrics line; checkpoint
     last, so a checkpoint never misses what was logged before it."""
     return [
-        Evaluate(cfg.eval.every, cfg.checkpoint.best),
+        Evaluate(cfg.eval.every, cfg.checkpoint.best, cfg.eval.at_start),
         Log(cfg.metrics.log_every),
         Checkpoint(cfg.checkpoint.every),
     ]

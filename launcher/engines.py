@@ -44,6 +44,27 @@ def prepare_frozen(runtime: Runtime, model: nn.Module) -> nn.Module:
     return engine
 
 
+def checkpointing_switch(module: nn.Module, what: str):
+    """transformers' ``activation_checkpointing_<what>`` (5.x), else the older
+    ``gradient_checkpointing_<what>`` (deprecated in 5.x, warns; other models, PEFT wrappers);
+    None when the model has neither."""
+    found = getattr(module, f"activation_checkpointing_{what}", None)
+    return found if found is not None else getattr(module, f"gradient_checkpointing_{what}", None)
+
+
+def is_checkpointing(module: nn.Module) -> bool:
+    value = getattr(module, "is_activation_checkpointing", None)
+    return bool(value if value is not None else getattr(module, "is_gradient_checkpointing", False))
+
+
+def enable_checkpointing(module: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (works with frozen inputs and ZeRO-3)."""
+    if getattr(module, "activation_checkpointing_enable", None) is not None:
+        module.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @contextlib.contextmanager
 def generating(runtime: Runtime, model: nn.Module) -> Iterator[nn.Module]:
     """The module behind ``model`` (an engine or a module), set for ``generate()``: whole on
@@ -53,10 +74,10 @@ def generating(runtime: Runtime, model: nn.Module) -> Iterator[nn.Module]:
     module = getattr(model, "module", model)
     config = getattr(module, "config", None)
     training = module.training
-    checkpointing = bool(getattr(module, "is_gradient_checkpointing", False))
+    checkpointing = is_checkpointing(module)
     use_cache = getattr(config, "use_cache", None)
     if checkpointing:
-        module.gradient_checkpointing_disable()
+        checkpointing_switch(module, "disable")()
     if config is not None:
         config.use_cache = True
     module.eval()
@@ -72,7 +93,5 @@ def generating(runtime: Runtime, model: nn.Module) -> Iterator[nn.Module]:
         if config is not None:
             config.use_cache = use_cache
         if checkpointing:
-            module.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_checkpointing(module)
         module.train(training)

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 class Callback:
     """Something that happens between steps. Order = position in the trainer's list."""
 
+    def on_fit_start(self, trainer: Trainer) -> None:
+        pass
+
     def on_step_end(self, trainer: Trainer) -> None:
         pass
 
@@ -277,6 +280,8 @@ class Trainer:
             self.progress.reset(total=self.horizon, initial=self.state.step)
         try:
             with STOP.catching():
+                for callback in self.callbacks:
+                    callback.on_fit_start(self)
                 self._run(started)
         except BaseException:
             self._close_data()  # else the exit waits forever for readers that ignore SIGTERM

@@ -16,7 +16,8 @@ Each stage runs as its own ``python -m launcher STAGE CONFIG --nproc N`` process
 ``<name>/logs/<id>.log``; a stop signal sent to the pipeline goes to it (the stage saves and
 stops; the pipeline then stops too). Re-running the command continues: a stage is finished
 when its ``hf/kiln.json`` exists (the export writes it last) and ``pipeline.json`` records it
-finished with the same config and the same parent weights (SHA-256); a finished stage is
+finished with the same config, the same parent weights (SHA-256) and the same prepared data
+(its manifest, when the stage's config names the prepared path); a finished stage is
 skipped, an interrupted one resumes from its checkpoints, and one whose config or parent
 changed is *stale*: its run directory is set aside (renamed with a timestamp), never reused.
 A stage that fails stops the pipeline: its id, exit status and log are printed (exit 1).
@@ -25,6 +26,7 @@ A stage that fails stops the pipeline: its id, exit status and log are printed (
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import signal
@@ -179,8 +181,8 @@ def check_all(steps: list[Step]) -> list[str]:
         try:
             load_config(find_stage(step.spec.stage).config_class, step.config, overrides)
         except ConfigError as exc:
-            for problem in exc.problems:
-                if problem.key not in pending:
+            for problem in exc.problems:  # a key under a pending one is pending too
+                if not any(problem.key == k or problem.key.startswith(f"{k}.") for k in pending):
                     lines.append(f"stage {step.id} ({step.spec.stage}): {problem}")
     return lines
 
@@ -206,7 +208,23 @@ def identity(step: Step, steps: dict[str, Step]) -> dict:
         inputs["init.path"] = weight_digests(step.parent.hf)
     for key, ref in sorted(step.refs.items()):
         inputs[key] = weight_digests(steps[ref].hf)
+    resolved = json.dumps(config.model_dump(mode="json"))
+    for name, path in sorted(step.prepared.items()):
+        if path in resolved:  # the stage reads what this prepare call wrote
+            inputs[f"prepare:{name}"] = prepared_digest(Path(path))
     return {"config": config.fingerprint(), "inputs": inputs}
+
+
+def prepared_digest(path: Path) -> str:
+    """What a prepare call wrote, in short: its ``manifest.json``'s SHA-256 (the built-in data
+    writes one, last), else of its files' names, sizes and modification times."""
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    listing = [(str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size,
+                f.stat().st_mtime_ns) for f in files if f.exists()]  # fmt: skip
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def set_aside(run_dir: Path) -> Path:
@@ -257,13 +275,15 @@ def run_pipeline(cfg: PipelineConfig, steps: list[Step]) -> int:
         if finished:
             print(f"[kiln] pipeline {step.id}: finished earlier, skipped", flush=True)
             continue
+        log = root / "logs" / f"{step.id}.log"
         if step.run_dir.exists() and not same:
             aside = set_aside(step.run_dir)
+            if log.is_file():  # its log goes with it
+                log.rename(log.with_name(f"{aside.name}.log"))
             print(f"[kiln] pipeline {step.id}: its config or parent changed; the old run is "
                   f"set aside as {aside}", flush=True)  # fmt: skip
         state[step.id] = {**wanted, "finished": False}
         _save_state(root, state)
-        log = root / "logs" / f"{step.id}.log"
         print(f"[kiln] pipeline {step.id}: kiln {step.spec.stage} {step.config} "
               f"--nproc {step.nproc} (log: {log})", flush=True)  # fmt: skip
         started = time.time()

@@ -129,6 +129,9 @@ class EvalSection(Section):
     always at the end; null: only at the end."""
     max_batches: int | None = Field(None, gt=0)
     """Evaluate on at most this many batches per rank (null: the whole validation set)."""
+    at_start: bool = False
+    """Also evaluate the untrained start (the parent) before the first step, logged at step 0:
+    each metric's first value is the stage's "before" (the pipeline's report shows both)."""
 
 
 class BestSection(Section):

@@ -46,14 +46,16 @@ class Task(ABC):
         """``train.activation_checkpointing``: recompute activations in backward instead of
         keeping them. Default: transformers' own switch (non-reentrant, which works with
         frozen inputs and ZeRO-3); a model without one needs the task to say how."""
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
+        from launcher.engines import checkpointing_switch, enable_checkpointing
+
+        if checkpointing_switch(model, "enable") is None:
             raise UserError(
                 f"train.activation_checkpointing: {type(self).__name__} builds a "
-                f"{type(model).__name__}, which has no gradient_checkpointing_enable(); set it "
-                "to false or override Task.enable_activation_checkpointing"
+                f"{type(model).__name__}, which has no activation_checkpointing_enable() nor "
+                "gradient_checkpointing_enable(); set it to false or override "
+                "Task.enable_activation_checkpointing"
             )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
 
     def on_engine(self, engine: nn.Module) -> None:
         """Called once the trained model is an engine, before any batch is drawn: build the

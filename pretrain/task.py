@@ -2,7 +2,7 @@
 
 Validation reports loss, perplexity and bits per byte: the summed token losses (nats) over the
 validation text divided by its UTF-8 bytes and by ln 2, so runs with different tokenizers
-compare.
+compare; beside it the unigram baseline of the same tokens (``eval/unigram_bits_per_byte``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ from pretrain.config import PretrainConfig
 from pretrain.model import build_model, flops_per_token
 
 
+def unigram_bits(counts: torch.Tensor) -> float:
+    """The bits the best unigram model of these token counts needs for them (their own
+    frequencies: no unigram model, not even one fitted to the training stream, does better):
+    the baseline ``eval/bits_per_byte`` must beat to show the model learned context."""
+    counts = counts[counts > 0].double()
+    total = counts.sum()
+    return float(-(counts * torch.log2(counts / total)).sum())
+
+
 class PretrainTask(Task):
     name = "pretrain"
     cfg: PretrainConfig
@@ -37,6 +46,7 @@ class PretrainTask(Task):
         self.corpus = resolve_corpus(cfg.data)
         self.validation = build_validation(cfg.data, self.corpus, self.tokenizer)
         self.loader: StreamLoader | None = None
+        self._unigram_bpb: float | None = None  # the validation set's, computed once
 
     def summary(self, results: dict[str, float], state) -> list[str]:
         bpb = results.get("eval/bits_per_byte")
@@ -92,10 +102,17 @@ class PretrainTask(Task):
         if self.cfg.eval.max_batches is not None:
             batches = batches[: self.cfg.eval.max_batches]
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        full = self.cfg.eval.max_batches is None
+        counts = None
+        if full and self._unigram_bpb is None:
+            counts = torch.zeros(self.cfg.model.vocab_size, dtype=torch.float64, device=rt.device)
         for batch in batches:
             batch = {k: v.to(rt.device) for k, v in batch.items()}
             logits = forward_logits(model, batch).float()
             targets = batch["targets"].flatten()
+            if counts is not None:
+                kept = targets[targets != IGNORE]
+                counts += torch.bincount(kept, minlength=counts.numel()).double()
             nats = F.cross_entropy(
                 logits.flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum"
             )
@@ -103,10 +120,13 @@ class PretrainTask(Task):
         rt.all_reduce(totals)
         nats, tokens = totals.tolist()
         loss = nats / max(tokens, 1.0)
-        full = self.cfg.eval.max_batches is None
         out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
         if full:  # bytes are known for the whole set only
             out["eval/bits_per_byte"] = nats / self.validation.text_bytes / math.log(2)
+            if counts is not None:
+                rt.all_reduce(counts)
+                self._unigram_bpb = unigram_bits(counts) / self.validation.text_bytes
+            out["eval/unigram_bits_per_byte"] = self._unigram_bpb
         return out
 
     def export(self, model: nn.Module, state_dict: dict | None, out: Path) -> None:

@@ -63,5 +63,7 @@ def sft_format(tmp_path_factory, pretrained) -> FormatRun:
     root = tmp_path_factory.mktemp("sft-format")
     train, validation = write_format_task(root / "data")
     started = time.time()
-    run_sft(root, "format", pretrained, train, "data.validation=null", "checkpoint.every=null")
+    run_sft(root, "format", pretrained, train, f"data.validation=[{{paths: [{validation}]}}]",
+            "checkpoint.every=null", "eval.every=null", "eval.at_start=true",
+            "generation.exact_match=50", "generation.max_new_tokens=32")  # fmt: skip
     return FormatRun(train, validation, root / "format" / "hf", time.time() - started)

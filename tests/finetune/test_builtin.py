@@ -33,21 +33,22 @@ def test_the_same_config_gives_the_same_bytes_and_is_reused(tmp_path):
     assert other["sft"]["train"].read_bytes() != a["sft"]["train"].read_bytes()
 
 
-def test_every_answer_is_in_its_context_and_the_rejected_one_too():
+def test_the_answer_is_read_from_the_one_sentence_of_its_kind_and_the_rejected_is_absent():
     cfg = BuiltinFinetuneConfig(variants=1)
     found = facts(cfg)
     world = World(cfg.seed)
     expected = sum(len(k.entities(world)) for k in KINDS)
     assert len(found) == expected  # one record per fact and variant, none dropped
     for fact in found:
-        sentences = fact["context"].split(". ")
-        assert 2 <= len(sentences) <= 4  # the fact and up to 3 distractors
-        assert fact["answer"] in fact["context"] and fact["rejected"] in fact["context"]
-        assert fact["answer"] != fact["rejected"]
-        # the asked entity's own sentence names the answer
+        sentences = [s.rstrip(".") + "." for s in fact["context"].split(". ")]
+        assert len(sentences) == 1 + cfg.distractors
+        # the asked entity's sentence states the answer; no other sentence names either
         entity = fact["id"].split(":")[1]
         own = [s for s in sentences if re.search(rf"\b{re.escape(entity)}\b", s)]
-        assert own and all(fact["answer"] in s for s in own), fact
+        assert len(own) == 1 and fact["answer"] in own[0], fact
+        assert all(fact["answer"] not in s for s in sentences if s != own[0]), fact
+        # the rejected answer: a value of the same kind, named nowhere in the context
+        assert fact["rejected"] != fact["answer"] and fact["rejected"] not in fact["context"]
 
 
 def test_splits_are_by_fact_disjoint_and_shared_by_every_kind(tmp_path):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from launcher.config import CONFIG_ROOT
 
-from .fixtures import write_preferences
+from .fixtures import make_reward_model, write_preferences
 from .test_reward_runs import QUIET, SEED, kiln, metrics
 
 DPO_TINY = str(CONFIG_ROOT / "finetune" / "dpo-tiny.yaml")
@@ -51,8 +51,15 @@ def test_dpo_learns_the_synthetic_preferences(sft_format, tmp_path):
 def test_precomputed_and_absent_references(pretrained, tmp_path):
     """``dpo.reference: precompute`` (the pairs scored once before training, on 2 ZeRO-3 ranks
     each scoring its share) gives the losses of a reference scoring every batch; ``none``
-    (reference-free) trains from a first loss that is not ln 2."""
+    (reference-free) trains from a first loss that is not ln 2. The precomputed run has a
+    judge too (held-out answers scored by a reward model, KL to the parent, at the start and
+    the end): it changes no loss, and its KL at the start, the parent against itself, is 0."""
     train, validation = write_preferences(tmp_path / "data", train=48, validation=16)
+    prompts, _ = write_preferences(tmp_path / "prompts", train=10, validation=1, chat=True)
+    judge = (
+        f"judge={{prompts: [{{paths: [{prompts}]}}], examples: 6, max_new_tokens: 6, "
+        f"reward_model: {make_reward_model(pretrained, tmp_path / 'rm')}}}"
+    )
 
     def run(name: str, *extra: str, nproc: int = 1) -> dict[int, float]:
         kiln(
@@ -68,9 +75,13 @@ def test_precomputed_and_absent_references(pretrained, tmp_path):
         return {m["step"]: m["train/loss"] for m in rows if "train/loss" in m}
 
     model = run("model")
-    precomputed = run("pre", "dpo.reference=precompute", "dist.zero_stage=3", nproc=2)
+    precomputed = run("pre", "dpo.reference=precompute", "dist.zero_stage=3", judge,
+                      "eval.at_start=true", nproc=2)  # fmt: skip
     assert sorted(model) == sorted(precomputed) == [1, 2, 3, 4, 5]
     for step in model:
         assert precomputed[step] == pytest.approx(model[step], rel=1e-5), step
+    judged = {m["step"]: m for m in metrics(tmp_path / "pre") if "eval/kl" in m}
+    assert sorted(judged) == [0, 5] and judged[0]["eval/kl"] == 0.0, judged
+    assert judged[5]["eval/kl"] != 0.0 and judged[0]["eval/reward_std"] > 0
     free = run("free", "dpo.reference=none")
     assert abs(free[1] - math.log(2)) > 1e-3 and free[5] < free[1]

@@ -117,6 +117,25 @@ def test_gathered_log_probs_and_values_are_the_response_positions(tiny_parent):
     assert isinstance(model, ActorCritic) and values.shape == ids.shape
 
 
+def test_the_judges_answer_log_probs_are_each_rows_own(tiny_parent):
+    """The judge's KL terms: generated rows of different prompt and answer lengths, right-padded
+    together, give each answer's summed log-probs (temperature 1) of a forward of that row
+    alone; an answer cut at its first EOS keeps the EOS and drops what follows."""
+    from finetune.judge import answer_logps, right_padded
+    from finetune.ppo_model import load_actor
+
+    model = load_actor(tiny_parent, None, SEED).eval()
+    rows = [(torch.tensor([5, 6, 7, 8, 20, 21, 2]), 4, True), (torch.tensor([9, 10, 22]), 2, False)]
+    ids, attention, start, length = right_padded(rows, pad_id=0)
+    assert ids.shape == (2, 7) and start.tolist() == [4, 2] and length.tolist() == [3, 1]
+    with torch.no_grad():
+        got = answer_logps(model, ids, attention, start, length, torch.device("cpu"))
+        for i, (row, s, _) in enumerate(rows):
+            logits = model(input_ids=row[None]).logits[0]
+            expect = torch.log_softmax(logits[s - 1 : -1], -1).gather(-1, row[s:, None]).sum()
+            assert abs(got[i] - expect) < 1e-4, (i, got, expect)
+
+
 # ------------------------------------------------------------------------------- real runs
 
 
@@ -240,11 +259,14 @@ def test_zero3_on_two_ranks_with_a_reward_model_and_its_critic(
 ):
     """Sampled responses of different lengths to prompts of different lengths: the rollout's
     generation, frozen reference and reward model (ZeRO-3 inference engines) and the
-    minibatch steps all complete (no rank waits for another's collective)."""
+    minibatch steps all complete (no rank waits for another's collective). The judge (held-out
+    answers scored by the run's reward model, at the start and the end) too: at the start the
+    actor is its reference, KL 0."""
     started = time.time()
+    judge = f"judge={{prompts: [{{paths: [{prompts}]}}], examples: 6, max_new_tokens: 5}}"
     run_ppo(tmp_path, "z3", pretrained, prompts, "dist.zero_stage=3", "train.max_steps=4",
             "ppo.reward_function=null", f"ppo.reward_model={reward_model}", "ppo.critic=null",
-            "ppo.max_new_tokens=12", nproc=2)  # fmt: skip
+            "ppo.max_new_tokens=12", judge, "eval.at_start=true", nproc=2)  # fmt: skip
     seconds = time.time() - started
     rows = metrics(tmp_path / "z3")
     assert {m["dist/world_size"] for m in rows} == {2.0}
@@ -252,6 +274,9 @@ def test_zero3_on_two_ranks_with_a_reward_model_and_its_critic(
     lengths = per_step(tmp_path / "z3", "ppo/response_length")
     print(f"ZeRO-3, 2 ranks: one iteration + export in {seconds:.0f} s; lengths {lengths}")
     assert seconds < 120
+    judged = {m["step"]: m for m in rows if "eval/kl" in m}
+    assert sorted(judged) == [0, 4] and judged[0]["eval/kl"] == 0.0, judged
+    assert judged[4]["eval/kl"] != 0.0 and judged[0]["eval/reward_std"] > 0
     saved = load_file(str(next((tmp_path / "z3" / "hf").glob("*.safetensors"))))
     assert not any("score" in k or "critic" in k for k in saved)
 

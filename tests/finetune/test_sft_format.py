@@ -12,6 +12,7 @@ import pytest
 from finetune.format_task import score
 
 from .sft_fixtures import run_sft
+from .test_reward_runs import metrics
 
 
 @pytest.mark.slow
@@ -23,6 +24,11 @@ def test_format_task_is_learned_within_two_minutes(pretrained, sft_format):
     assert after["exact_match"] >= 0.50
     assert after["stopped"] >= 0.90
     assert sft_format.seconds < 180  # 2 minutes of training, plus start-up and export
+    # the run's own exact match (eval.at_start: the parent's first) is the exported model's
+    logged = [
+        m["eval/exact_match"] for m in metrics(sft_format.hf.parent) if "eval/exact_match" in m
+    ]
+    assert logged == [before["exact_match"], after["exact_match"]]
 
 
 @pytest.mark.slow

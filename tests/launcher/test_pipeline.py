@@ -4,10 +4,13 @@ failing stage named with its log."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from launcher.cli import main as kiln_main
 from launcher.config import CONFIG_ROOT
 from launcher.report import figure
-from launcher.runner import weight_digests
 
 TINY = str(CONFIG_ROOT / "pretrain" / "tiny.yaml")
 SFT = str(CONFIG_ROOT / "finetune" / "sft-tiny.yaml")
@@ -93,46 +95,143 @@ def test_every_panel_of_a_stage_figure_has_labelled_axes():
     assert figure("sft", []) is None
 
 
+# ---------------------------------------------------------------- the reduced chain, run
+
+TINY_CHAIN = CONFIG_ROOT / "pipeline" / "tiny.yaml"
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "classify")
+PARENTS = {"sft": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft", "classify": "pretrain"}
+WALL_CLOCK = ("time/", "throughput/", "memory/", "rollout/generation_tokens_per_s")
+
+
+def sha256_of_weights(hf: Path) -> dict[str, str]:
+    """The export's weight files hashed here, not by the code under test."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(hf.glob("*.safetensors"))
+    }
+
+
+def final_metrics(hf: Path) -> dict[str, float]:
+    saved = json.loads((hf / "kiln.json").read_text())["final_metrics"]
+    return {k: v for k, v in saved.items() if not k.startswith(WALL_CLOCK)}
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float, dict]:
+    """configs/pipeline/tiny.yaml as shipped, run in a fresh directory (its relative paths:
+    data, corpus and runs land there); with every stage's final metrics as it finished (a
+    later test changes the chain)."""
+    root = tmp_path_factory.mktemp("tiny-chain")
+    started = time.time()
+    done = pipeline(root, TINY_CHAIN)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    finals = {s: final_metrics(root / "runs" / "tiny-chain" / s / "hf") for s in STAGES}
+    return root, done, time.time() - started, finals
+
+
 @pytest.mark.slow
-def test_a_chain_runs_skips_what_is_finished_and_reruns_what_changed(tmp_path):
-    config = write_pipeline(tmp_path)
-    first = pipeline(tmp_path, config)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    chain = tmp_path / "runs" / "chain"
-    parent_hf, sft_hf = chain / "pretrain" / "hf", chain / "sft" / "hf"
-    lineage = json.loads((sft_hf / "kiln.json").read_text())
-    assert lineage["parent"]["path"] == str(parent_hf.resolve())
-    assert lineage["parent"]["weights"] == weight_digests(parent_hf)  # what it loaded
-    assert (chain / "logs" / "sft.log").read_text()
+def test_the_reduced_chain_runs_every_stage_from_its_parent(tiny_chain):
+    root, done, seconds, _ = tiny_chain
+    print(f"reduced chain: {seconds:.0f} s")
+    assert seconds < 300
+    chain = root / "runs" / "tiny-chain"
+    for stage, parent in PARENTS.items():
+        lineage = json.loads((chain / stage / "hf" / "kiln.json").read_text())
+        assert lineage["stage"] == stage
+        assert lineage["parent"]["path"] == str((chain / parent / "hf").resolve())
+        assert lineage["parent"]["weights"] == sha256_of_weights(chain / parent / "hf")
+        assert (chain / "logs" / f"{stage}.log").read_text()
+    # the table: one row per stage, before and after of each stage's measure
     report = (chain / "report.md").read_text()
-    assert "| pretrain | pretrain | 10 |" in report and "| sft | sft | 4 |" in report
-    for image in ("pretrain.png", "sft.png"):
-        assert f"]({image})" in report
-        with Image.open(chain / image) as png:
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == ["stage", "kind", "steps", "seconds", "final train loss", "measure",
+                      "before", "after", "change", "parent"]  # fmt: skip
+    rows = {r[0]: dict(zip(header, r, strict=True)) for r in (
+        [c.strip() for c in line.strip("|").split("|")] for line in table[1:])}  # fmt: skip
+    assert list(rows) == list(STAGES)
+    measures = {stage: row["measure"] for stage, row in rows.items()}
+    assert measures == {
+        "pretrain": "bits per byte (unigram baseline)", "sft": "eval/exact_match",
+        "reward": "eval/accuracy", "dpo": "held-out reward", "ppo": "held-out reward",
+        "classify": "test macro-F1 (untrained head)",
+    }  # fmt: skip
+    for row in rows.values():
+        assert row["steps"] != "-" and float(row["seconds"]) > 0, row
+        float(row["before"]), float(row["after"])  # numbers, each
+        assert row["change"] != "-"
+    assert "sd, KL" in rows["dpo"]["change"] and "sd, KL" in rows["ppo"]["change"]
+    for stage in STAGES:
+        assert f"]({stage}.png)" in report
+        with Image.open(chain / f"{stage}.png") as png:
             assert png.format == "PNG" and png.size[0] > 200
+    assert "every stage finished; report:" in done.stdout
 
-    again = pipeline(tmp_path, config)  # nothing to do
-    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 2
 
-    # another pretraining export (as if re-trained): SFT is stale and runs again
-    weights = load_file(str(parent_hf / "model.safetensors"))
-    save_file({k: v + 0.01 for k, v in weights.items()}, str(parent_hf / "model.safetensors"))
-    third = pipeline(tmp_path, config)
+@pytest.mark.slow
+def test_a_rerun_skips_a_changed_export_reruns_its_children_and_a_failure_is_named(tiny_chain):
+    root, _, _, _ = tiny_chain
+    chain = root / "runs" / "tiny-chain"
+    again = pipeline(root, TINY_CHAIN)  # nothing to do
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 6
+
+    # another SFT export (as if re-trained): the stages built on it are stale and run again
+    sft_hf = chain / "sft" / "hf"
+    weights = load_file(str(sft_hf / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(sft_hf / "model.safetensors"))
+    third = pipeline(root, TINY_CHAIN)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
-    assert "pretrain: finished earlier, skipped" in third.stdout
-    assert "sft: its config or parent changed" in third.stdout
-    assert len(list(chain.glob("sft-stale-*"))) == 1
-    lineage = json.loads((sft_hf / "kiln.json").read_text())
-    assert lineage["parent"]["weights"] == weight_digests(parent_hf)
+    for stage in ("pretrain", "sft", "classify"):
+        assert f"pipeline {stage}: finished earlier, skipped" in third.stdout
+    for stage in ("reward", "dpo", "ppo"):
+        assert f"{stage}: its config or parent changed" in third.stdout
+        assert len(list(chain.glob(f"{stage}-stale-*"))) == 1
+        lineage = json.loads((chain / stage / "hf" / "kiln.json").read_text())
+        assert lineage["parent"]["weights"] == sha256_of_weights(sft_hf)
 
     # a stage that fails: named, with its exit status and log; the pipeline exits 1
-    missing = tmp_path / "missing.jsonl"
-    config = write_pipeline(tmp_path, sft=[f"data.train=[{{paths: [{missing}]}}]"])
-    failed = pipeline(tmp_path, config)
+    missing = root / "missing.jsonl"
+    spec = yaml.safe_load(TINY_CHAIN.read_text())
+    spec["stages"][-1]["overrides"].append(f"data.train=[{{paths: [{missing}]}}]")
+    broken = root / "broken.yaml"
+    broken.write_text(yaml.safe_dump(spec))
+    failed = pipeline(root, broken)
     assert failed.returncode == 1
-    assert "stage sft (sft) failed: exit status 1" in failed.stderr
-    assert str(chain / "logs" / "sft.log") in failed.stderr
-    assert str(missing) in (chain / "logs" / "sft.log").read_text()
+    assert "stage classify (classify) failed: exit status 1" in failed.stderr
+    assert "its log: runs/tiny-chain/logs/classify.log" in failed.stderr  # as the config says
+    assert str(missing) in (chain / "logs" / "classify.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_chain_stopped_during_sft_and_run_again_ends_as_an_uninterrupted_one(
+    tiny_chain, tmp_path
+):
+    """SIGTERM to the pipeline while SFT trains: the stage saves and stops, the pipeline
+    stops; the same command again resumes SFT from its checkpoint and runs the rest. Every
+    stage's final metrics (wall-clock ones aside) equal the uninterrupted chain's exactly."""
+    _, _, _, uninterrupted = tiny_chain
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "launcher", "pipeline", str(TINY_CHAIN)]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics_file = tmp_path / "runs" / "tiny-chain" / "sft" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+        if any(json.loads(x).get("step", 0) >= 2 for x in lines if x.strip()):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "pipeline stopped during sft" in out, out[-3000:]
+    assert not (tmp_path / "runs" / "tiny-chain" / "sft" / "hf" / "kiln.json").exists()
+    again = pipeline(tmp_path, TINY_CHAIN)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "pretrain: finished earlier, skipped" in again.stdout
+    sft_log = (tmp_path / "runs" / "tiny-chain" / "logs" / "sft.log").read_text()
+    assert "resumed from" in sft_log or "resuming from" in sft_log, sft_log[-3000:]
+    for stage in STAGES:
+        ours = final_metrics(tmp_path / "runs" / "tiny-chain" / stage / "hf")
+        assert ours == uninterrupted[stage], (stage, ours, uninterrupted[stage])
 
 
 def test_a_failing_prepare_call_is_named_and_nothing_runs(tmp_path, capsys):
