@@ -39,6 +39,7 @@ def unigram_bits(counts: torch.Tensor) -> float:
 class PretrainTask(Task):
     name = "pretrain"
     cfg: PretrainConfig
+    _unigram_bpb: float | None = None  # the validation set's baseline, computed once
 
     def __init__(self, cfg: PretrainConfig, runtime: Runtime):
         super().__init__(cfg, runtime)
@@ -46,7 +47,6 @@ class PretrainTask(Task):
         self.corpus = resolve_corpus(cfg.data)
         self.validation = build_validation(cfg.data, self.corpus, self.tokenizer)
         self.loader: StreamLoader | None = None
-        self._unigram_bpb: float | None = None  # the validation set's, computed once
 
     def summary(self, results: dict[str, float], state) -> list[str]:
         bpb = results.get("eval/bits_per_byte")
@@ -103,16 +103,18 @@ class PretrainTask(Task):
             batches = batches[: self.cfg.eval.max_batches]
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
         full = self.cfg.eval.max_batches is None
+        module = getattr(model, "module", model)  # an engine's model
+        vocab = module.get_input_embeddings().num_embeddings  # the model's rows (>= tokenizer's)
         counts = None
         if full and self._unigram_bpb is None:
-            counts = torch.zeros(self.cfg.model.vocab_size, dtype=torch.float64, device=rt.device)
+            counts = torch.zeros(vocab, dtype=torch.float64, device=rt.device)
         for batch in batches:
             batch = {k: v.to(rt.device) for k, v in batch.items()}
             logits = forward_logits(model, batch).float()
             targets = batch["targets"].flatten()
             if counts is not None:
                 kept = targets[targets != IGNORE]
-                counts += torch.bincount(kept, minlength=counts.numel()).double()
+                counts += torch.bincount(kept, minlength=vocab).double()
             nats = F.cross_entropy(
                 logits.flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum"
             )
