@@ -5,20 +5,22 @@ for the same config; a folder already written from the same config is reused.
 Every record asks about one *fact* of the world (the river through a town, a town's region, a
 person's town or trade, where a river rises or ends) after a *context*: a short paragraph
 stating that fact among ``distractors`` facts of *other* kinds about other entities, in a
-seeded order. Each kind has its own phrase before its value ("lives in", "works as a", "runs
-the"), so the answer is read from the context by finding the sentence of the question's kind
-and copying what follows its phrase: a small model learns that within minutes (a real effect
-for the chain to show). Held-out facts are answered only by reading: they were never seen in
-training. (Distractors of the *same* kind, "Leon Dalemore lives in Tordale. Ulric Hollowridge
-lives in Harholm.", would need a lookup by the asked name, an induction-head copy that the
-12M-parameter demo model, pretrained for 3 minutes, did not learn in 3 minutes of SFT: exact
-match stayed at 0.16-0.20, always naming a frequent value.) Records are in a seeded order
+seeded order, none of which names a value of the asked kind (a question about a town sees one
+town). The answer is read from the context by copying its one value of the asked type.
+Held-out facts are answered only by reading: they were never seen in training. Measured with
+the demo models (12M and 4M parameters, pretrained 3 minutes): neither learns that copy in
+2-5 minutes of SFT. Greedy answers name a frequent value of the right kind (exact match
+0.16-0.28, also with distractors of the same kind, more steps, or answers tokenized like the
+context); a direct probe of the pretrained model ("Elise Daleby lives in Ashford. ... Elise
+Daleby lives in") ranks "Ashford" 29th-283rd: no induction head has formed yet, and the
+chain's SFT effect is limited by that, not by the data. Records are in a seeded order
 (kinds mixed):
 
-- ``sft/<split>.jsonl``: ``{"id", "messages": [user: context + question, assistant: answer]}``
-- ``pairs/<split>.jsonl``: ``{"id", "messages": [user], "chosen": answer, "rejected": a value
-  of the same kind the context does not name}`` (the reward and DPO stages' chat pairs: a
-  reward model learns to check an answer against the context)
+- ``sft/<split>.jsonl``: ``{"id", "messages": [user: context + question, assistant: " " +
+  answer]}`` (the leading space: see ``records``)
+- ``pairs/<split>.jsonl``: ``{"id", "messages": [user], "chosen": " " + answer, "rejected": " "
+  + a value of the same kind the context does not name}`` (the reward and DPO stages' chat
+  pairs: a reward model learns to check an answer against the context)
 - ``prompts/<split>.jsonl``: ``{"id", "messages": [user], "answer"}`` (PPO and GRPO read the
   prompt only; scoring scripts use the answer)
 
@@ -49,7 +51,7 @@ from pretrain.data.builtin import World
 SPLITS = ("train", "validation", "test")
 KINDS_DIRS = ("sft", "pairs", "prompts")
 MANIFEST = "manifest.json"
-VERSION = 4
+VERSION = 6
 """Bumped whenever the records a config gives change (a reused folder must be the same)."""
 
 
@@ -149,11 +151,13 @@ def facts(cfg: BuiltinFinetuneConfig) -> list[dict]:
                 rng = random.Random(f"kiln-builtin-finetune:{cfg.seed}:{record_id}")
                 answer = kind.answer(entity)
                 sentences = [kind.statement(entity)]
-                for other in rng.sample(others, min(cfg.distractors, len(others))):
+                for other in rng.sample(others, len(others)):
+                    if len(sentences) > cfg.distractors:
+                        break
                     candidates = other.entities(world)
-                    for _ in range(20):  # one that names neither the entity nor the answer
+                    for _ in range(20):  # one naming no value of the asked kind, nor the entity
                         said = other.statement(rng.choice(candidates))
-                        if kind.key(entity) not in said and answer not in said:
+                        if kind.key(entity) not in said and not any(v in said for v in values):
                             sentences.append(said)
                             break
                 rng.shuffle(sentences)
@@ -179,14 +183,18 @@ def facts(cfg: BuiltinFinetuneConfig) -> list[dict]:
 def records(fact: dict) -> dict[str, dict]:
     """The fact as an SFT chat, a preference pair and a prompt."""
     user = {"role": "user", "content": f"{fact['context']}\n{fact['question']}"}
-    answer = {"role": "assistant", "content": fact["answer"]}
+    # A leading space: kiln's tokenizers mark a word's start ("▁Ashford"), and a word right
+    # after the template's newline would have none ("Ashford", "c ar penter" for "carpenter"):
+    # with it, the answer is the very tokens of the context, so copying is learnable in minutes
+    # (without it, exact match stalled at 0.20-0.25 whatever the steps). Scorers strip answers.
+    answer = {"role": "assistant", "content": " " + fact["answer"]}
     return {
         "sft": {"id": fact["id"], "messages": [user, answer]},
         "pairs": {
             "id": fact["id"],
             "messages": [user],
-            "chosen": fact["answer"],
-            "rejected": fact["rejected"],
+            "chosen": " " + fact["answer"],
+            "rejected": " " + fact["rejected"],
         },
         "prompts": {"id": fact["id"], "messages": [user], "answer": fact["answer"]},
     }

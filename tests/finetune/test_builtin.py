@@ -47,8 +47,34 @@ def test_the_answer_is_read_from_the_one_sentence_of_its_kind_and_the_rejected_i
         own = [s for s in sentences if re.search(rf"\b{re.escape(entity)}\b", s)]
         assert len(own) == 1 and fact["answer"] in own[0], fact
         assert all(fact["answer"] not in s for s in sentences if s != own[0]), fact
+        # no other value of the asked kind is named: the answer is the context's one
+        kind = next(k for k in KINDS if k.name == fact["id"].split(":")[0])
+        values = {kind.answer(e) for e in kind.entities(world)}
+        named = [v for v in values if re.search(rf"\b{re.escape(v)}\b", fact["context"])]
+        assert named == [fact["answer"]], fact
         # the rejected answer: a value of the same kind, named nowhere in the context
         assert fact["rejected"] != fact["answer"] and fact["rejected"] not in fact["context"]
+
+
+def test_answers_are_the_tokens_the_context_names(tmp_path):
+    """The assistant's answer starts with a space: a trained tokenizer gives it the word-start
+    tokens it has in the context (after the template's newline it would have others)."""
+    from finetune.chat import encode_chat
+    from launcher.data.tokenizer import TokenizerConfig
+    from launcher.data.tokenizer_training import train_tokenizer
+
+    files = write_builtin_finetune(BuiltinFinetuneConfig(dir=str(tmp_path / "ft")))
+    chats = [r["messages"] for r in read(files["sft"]["train"])]
+    texts = [m["content"] for chat in chats for m in chat]
+    tok = train_tokenizer(TokenizerConfig(vocab_size=600), texts, tmp_path / "tok").tokenizer
+    for chat in chats[:200]:
+        assert chat[1]["content"] == " " + chat[1]["content"].strip()
+        example = encode_chat(tok, chat)
+        ids = example.tokens.tolist()
+        trained = [i for i, m in zip(ids, example.loss_mask.tolist(), strict=True) if m]
+        answer = trained[:-1]  # the end of turn aside
+        context = ids[: ids.index(tok.eos_id)]
+        assert any(context[i : i + len(answer)] == answer for i in range(len(context))), chat
 
 
 def test_splits_are_by_fact_disjoint_and_shared_by_every_kind(tmp_path):
