@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--main-addr", help="address of node 0 (default: MASTER_ADDR)")
     parser.add_argument(
-        "--main-port", type=int, help="port on node 0 (default: MASTER_PORT or 29500)"
+        "--main-port",
+        type=int,
+        help="port on node 0 (default: MASTER_PORT, else 29500 on several nodes, a free one)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     parser.add_argument(
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 offload=d.offload_optimizer or d.offload_params,
                 node_rank=rank,
                 main_addr=main_addr,
-                main_port=args.main_port or int(os.environ.get("MASTER_PORT", 29500)),
+                main_port=args.main_port or int(os.environ.get("MASTER_PORT", 0)) or None,
             )
         except ValueError as exc:
             print(f"kiln: {exc}", file=sys.stderr)

@@ -45,9 +45,14 @@ def accelerate_command(
     offload: bool = False,
     node_rank: int = 0,
     main_addr: str | None = None,
-    main_port: int = 29500,
+    main_port: int | None = None,
 ) -> list[str]:
     """The `accelerate launch` command running ``stage`` on ``nproc`` processes per node.
+
+    ``main_port``: every node must name the same one (29500 unless given); on one node an
+    unset port is 0, a free one accelerate picks, so two runs started together on one
+    machine never meet on 29500 (accelerate's own fallback checks the port, then binds it
+    later: a race).
 
     Raises ``ValueError`` when several nodes are asked for without the main node's address.
     """
@@ -63,7 +68,9 @@ def accelerate_command(
         # "standard" = torchrun on every node (the default, pdsh, would ssh from node 0)
         command += ["--deepspeed_multinode_launcher", "standard"]
         command += ["--machine_rank", str(node_rank), "--main_process_ip", main_addr]
-        command += ["--main_process_port", str(main_port)]
+        command += ["--main_process_port", str(main_port or 29500)]
+    else:
+        command += ["--main_process_port", str(main_port or 0)]
     return [*command, "-m", "launcher", stage, config, *overrides]
 
 

@@ -129,3 +129,22 @@ def test_an_agent_ended_by_a_stop_signal_is_clean_only_if_every_worker_returned(
     assert ended_cleanly(128 + int(signal.SIGTERM), tmp_path, nproc=2)
     assert not ended_cleanly(1, tmp_path, nproc=2)  # the agent itself failed
     assert not ended_cleanly(128 + int(signal.SIGKILL), tmp_path, nproc=2)
+
+
+def test_one_node_takes_a_free_port_unless_given_and_nodes_agree_on_29500(monkeypatch, capsys):
+    """Two single-node runs started together must not both try port 29500 (accelerate checks
+    it, then binds later: a race), so one node asks accelerate for a free one (port 0);
+    several nodes must agree on a port without talking, so 29500 unless given."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    demo = str(CONFIG_ROOT / "pretrain" / "demo.yaml")
+
+    def port(*flags: str) -> str:
+        assert main(["pretrain", demo, "--dry-run", *flags]) == 0
+        words = capsys.readouterr().out.split()
+        return words[words.index("--main_process_port") + 1]
+
+    assert port("--nproc", "2") == "0"
+    assert port("--nproc", "2", "--main-port", "29611") == "29611"
+    assert port("--nproc", "2", "--nodes", "2", "--main-addr", "127.0.0.1") == "29500"
+    monkeypatch.setenv("MASTER_PORT", "29612")
+    assert port("--nproc", "2") == "29612"
