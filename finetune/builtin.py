@@ -12,9 +12,9 @@ the demo models (12M and 4M parameters, pretrained 3 minutes): neither learns th
 2-5 minutes of SFT. Greedy answers name a frequent value of the right kind (exact match
 0.16-0.28, also with distractors of the same kind, more steps, or answers tokenized like the
 context); a direct probe of the pretrained model ("Elise Daleby lives in Ashford. ... Elise
-Daleby lives in") ranks "Ashford" 29th-283rd: no induction head has formed yet, and the
-chain's SFT effect is limited by that, not by the data. Records are in a seeded order
-(kinds mixed):
+Daleby lives in") ranks "Ashford" 44th (24th after 320 steps of pretraining): no induction
+head has formed yet, and the chain's SFT effect is limited by that, not by the data. Records
+are in a seeded order (kinds mixed):
 
 - ``sft/<split>.jsonl``: ``{"id", "messages": [user: context + question, assistant: " " +
   answer]}`` (the leading space: see ``records``)
