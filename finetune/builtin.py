@@ -185,17 +185,14 @@ def records(fact: dict) -> dict[str, dict]:
     user = {"role": "user", "content": f"{fact['context']}\n{fact['question']}"}
     # A leading space: kiln's tokenizers mark a word's start ("▁Ashford"), and a word right
     # after the template's newline would have none ("Ashford", "c ar penter" for "carpenter"):
-    # with it, the answer is the very tokens of the context, so copying is learnable in minutes
-    # (without it, exact match stalled at 0.20-0.25 whatever the steps). Scorers strip answers.
-    answer = {"role": "assistant", "content": " " + fact["answer"]}
+    # with it, the answer is the very tokens of the context, so copying it needs no second
+    # spelling (the demo models still do not copy: see the module's docstring). Scorers
+    # (SFT's exact match, format_task.score) strip both sides.
+    chosen, rejected = " " + fact["answer"], " " + fact["rejected"]
+    answer = {"role": "assistant", "content": chosen}
     return {
         "sft": {"id": fact["id"], "messages": [user, answer]},
-        "pairs": {
-            "id": fact["id"],
-            "messages": [user],
-            "chosen": " " + fact["answer"],
-            "rejected": " " + fact["rejected"],
-        },
+        "pairs": {"id": fact["id"], "messages": [user], "chosen": chosen, "rejected": rejected},
         "prompts": {"id": fact["id"], "messages": [user], "answer": fact["answer"]},
     }
 

@@ -81,9 +81,10 @@ def write(out: Path, train: int = 2000, validation: int = 50, seed: int = 0) -> 
 
 def score(model_dir: Path, validation: Path, n: int = 50, max_new_tokens: int = 32) -> dict:
     """Greedy answers of the HF model in ``model_dir`` to the first ``n`` conversations of
-    ``validation``: ``exact_match`` (the decoded answer, stripped, equals the reference) and
-    ``stopped`` (EOS within ``max_new_tokens``), as fractions of ``n``. A tokenizer without
-    a chat template (a pretraining export) is prompted with SFT's default one."""
+    ``validation``: ``exact_match`` (the decoded answer equals the reference, both stripped,
+    as in SFT's own ``eval/exact_match``) and ``stopped`` (EOS within ``max_new_tokens``), as
+    fractions of ``n``. A tokenizer without a chat template (a pretraining export) is prompted
+    with SFT's default one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,7 +110,7 @@ def score(model_dir: Path, validation: Path, n: int = 50, max_new_tokens: int = 
         new = out[0, prompt["input_ids"].shape[1] :].tolist()
         stopped += tokenizer.eos_token_id in new
         answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-        exact += answer == messages[-1]["content"]
+        exact += answer == messages[-1]["content"].strip()
     return {"exact_match": exact / len(chats), "stopped": stopped / len(chats), "n": len(chats)}
 
 
