@@ -13,13 +13,19 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from launcher.config import Section
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM
+# transformers is imported where a model is built, not here: every `python -m launcher` parent
+# process and `kiln slurm submit` validates its config through this module, and the import
+# (1.6 s) would be most of their start-up time.
 
 __all__ = [
     "ModelConfig",
@@ -131,6 +137,8 @@ def to_hf_config(
             raise ValueError(
                 f"{name}_token_id {value} is outside the vocabulary 0..{cfg.vocab_size - 1}"
             )
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -174,6 +182,8 @@ def build_model(
     the weights are transformers' own init (not ``init_weights``): for models loaded next.
     ``special_ids`` (bos_token_id, eos_token_id, pad_token_id) go into the config.
     """
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
     hf_config = to_hf_config(cfg, **special_ids)
     # allocate weights directly where they will live (and not at all on "meta")
     place = torch.device(device) if device is not None else contextlib.nullcontext()
