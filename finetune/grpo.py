@@ -29,6 +29,7 @@ from finetune.chat import chosen_template, generation_prompt
 from finetune.common import FrozenModels, announce_data, record_counters
 from finetune.data import check_messages
 from finetune.grpo_config import GRPOConfig, import_reward
+from finetune.judge import left_padded_generate, right_padded
 from finetune.peft_setup import load_parent, reference_model, trainable_parameters
 from finetune.reward_model import load_frozen_reward_model, score_sequences
 from finetune.rl_math import aggregate_loss, grpo_advantages, grpo_token_loss
@@ -225,44 +226,26 @@ class GRPOTask(Task):
         stream), as a right-padded training micro-batch with its rewards."""
         tok, g, device = self.tokenizer, self.group, self.runtime.device
         lengths = batch["attention_mask"].sum(1).tolist()
-        width = max(lengths)
-        # generate() wants left padding: every row's last prompt token at the same column
-        left = torch.full((len(lengths), width), tok.pad_id, dtype=torch.long)
-        for row, n in enumerate(lengths):
-            left[row, width - n :] = batch["input_ids"][row, :n]
-        prompts = left.repeat_interleave(g, 0).to(device)
+        prompts = [batch["input_ids"][i // g, : lengths[i // g]] for i in range(len(lengths) * g)]
+        sampling = {
+            "do_sample": True,
+            "temperature": self.cfg.grpo.temperature,
+            "top_k": 0,
+            "top_p": 1.0,
+        }
         started = time.perf_counter()
-        out = model.generate(
-            input_ids=prompts,
-            attention_mask=_left_mask(lengths, width, g, device),
-            max_new_tokens=self.cfg.grpo.max_new_tokens,
-            do_sample=True,
-            temperature=self.cfg.grpo.temperature,
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=tok.eos_id,
-            pad_token_id=tok.pad_id,
+        # each completion ends with its first EOS (kept: it is a sampled, trained token)
+        rows = left_padded_generate(
+            model, prompts, tok, self.cfg.grpo.max_new_tokens, device, sampling
         )
-        completions = out[:, width:].cpu()
         self._generation += time.perf_counter() - started
-        # a completion ends with its first EOS (kept: it is a sampled, trained token)
-        is_eos = completions == tok.eos_id
-        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completions.shape[1])
-        rows, texts, wheres = [], [], []
-        for i, n in enumerate(ends.tolist()):
-            ids = completions[i, :n]
-            prompt = batch["input_ids"][i // g, : lengths[i // g]]
-            wheres.append(self.train_set.examples[int(batch["index"][i // g])].where)
-            texts.append(tok.decode(ids.tolist(), skip_special_tokens=True))
-            rows.append((torch.cat([prompt, ids]), len(prompt)))
-        full = max(len(seq) for seq, _ in rows)
-        input_ids = torch.full((len(rows), full), tok.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        completion = torch.zeros_like(input_ids)
-        for i, (seq, start) in enumerate(rows):
-            input_ids[i, : len(seq)] = seq
-            attention[i, : len(seq)] = 1
-            completion[i, start : len(seq)] = 1
+        texts = [tok.decode(ids[n:].tolist(), skip_special_tokens=True) for ids, n, _ in rows]
+        wheres = [
+            self.train_set.examples[int(batch["index"][i // g])].where for i in range(len(rows))
+        ]
+        input_ids, attention, start, length = right_padded(rows, tok.pad_id)
+        cols = torch.arange(input_ids.shape[1])[None, :]
+        completion = ((cols >= start[:, None]) & (cols < (start + length)[:, None])).long()
         if self.reward_model is not None:  # whole micro-batches: as many forwards per rank
             rewards = score_sequences(self.reward_model, input_ids, attention, len(rows), device)
             rewards = rewards.tolist()
@@ -340,14 +323,6 @@ class GRPOTask(Task):
         """The KL reference's weights' digests (with ``grpo.beta > 0``, full fine-tuning;
         optional: older checkpoints lack them)."""
         return {"frozen": RunJson(self.frozen, optional=True)}
-
-
-def _left_mask(lengths: list[int], width: int, g: int, device) -> torch.Tensor:
-    """The attention mask of left-padded prompts, from their lengths (a prompt may hold the
-    pad id itself, so comparing ids with it would not do)."""
-    cols = torch.arange(width)
-    mask = torch.stack([cols >= width - n for n in lengths]).repeat_interleave(g, 0)
-    return mask.to(device)
 
 
 def grpo(cfg: GRPOConfig) -> dict[str, float]:

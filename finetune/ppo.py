@@ -34,7 +34,7 @@ from finetune.chat import chosen_template
 from finetune.common import FrozenModels, announce_data, record_counters
 from finetune.grpo import PromptEncoder
 from finetune.grpo_config import import_reward
-from finetune.judge import Judge, left_padded_generate
+from finetune.judge import Judge, left_padded_generate, right_padded
 from finetune.peft_setup import reference_model, trainable_parameters
 from finetune.ppo_config import PPOConfig
 from finetune.ppo_model import (
@@ -313,14 +313,8 @@ class PPOTask(Task):
         generated = time.perf_counter() - started
         rows = [row for chunk in chunks for row in chunk]
         n, new = len(rows), p.max_new_tokens
-        width = max(len(ids) for ids, _, _ in rows)
-        input_ids = torch.full((n, width), tok.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        start = torch.tensor([s for _, s, _ in rows])
-        length = torch.tensor([len(ids) - s for ids, s, _ in rows])
+        input_ids, attention, start, length = right_padded(rows, tok.pad_id)
         ended = torch.tensor([e for _, _, e in rows])
-        for i, (ids, _, _) in enumerate(rows):
-            input_ids[i, : len(ids)], attention[i, : len(ids)] = ids, 1
         texts = [tok.decode(ids[s:].tolist(), skip_special_tokens=True) for ids, s, _ in rows]
         scores = self._scores(input_ids, attention, texts, where)
         if p.missing_eos_penalty is not None:
