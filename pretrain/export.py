@@ -34,12 +34,15 @@ def export_checkpoint(folder: Path, out: Path, dtype: torch.dtype = torch.bfloat
     for path in sorted(folder.glob("model-*.safetensors")):
         weights.update(load_file(str(path)))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    # a tied lm_head is the embedding and is stored once, under the embedding's name
-    missing = [m for m in missing if not (cfg.model.tie_embeddings and m == "lm_head.weight")]
+    # a tied weight (Llama's lm_head, BERT's decoder and its bias) is another name of a
+    # parameter, stored once under the name named_parameters() gives it
+    stored = {name for name, _ in model.named_parameters()}
+    missing = [m for m in missing if m in stored]
     if missing or unexpected:
         raise KeyError(f"{folder}: missing {missing}, unexpected {unexpected}")
     model.to(dtype).save_pretrained(out, safe_serialization=True)
     tokenizer.save(out, model_max_length=cfg.model.max_seq_len)
-    model.generation_config.save_pretrained(out)
+    if model.can_generate():  # an encoder has no generation config
+        model.generation_config.save_pretrained(out)
     log.info("exported %s to %s (%s)", folder, out, dtype)
     return out

@@ -1,10 +1,12 @@
-"""The decoder: a Llama-family causal LM described by a small config section.
+"""The model: a Llama-family causal LM, or a BERT encoder, described by a small config section.
 
 ``ModelConfig`` holds the shape; ``build_model`` turns it into a ``transformers``
 ``LlamaForCausalLM`` (pre-norm RMSNorm, RoPE, SwiGLU, optional grouped-query attention, no
-biases), so checkpoints load with ``AutoModelForCausalLM.from_pretrained`` and work with the
-rest of the Hugging Face ecosystem unchanged. ``param_count`` and ``flops_per_token`` are
-closed-form, so huge presets can be sized without building them.
+biases) or, with ``arch: bert``, a ``BertForMaskedLM`` (post-norm LayerNorm, learned absolute
+positions, GELU, biases) for the masked-LM objective, so checkpoints load with
+``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and work with the rest of the Hugging Face
+ecosystem unchanged. ``param_count`` is closed-form for both (huge presets are sized without
+building them); ``flops_per_token`` has a formula for Llama only.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -22,7 +24,7 @@ from torch import nn
 from launcher.config import Section
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, LlamaConfig, PreTrainedModel
 # transformers is imported where a model is built, not here: every `python -m launcher` parent
 # process and `kiln slurm submit` validates its config through this module, and the import
 # (1.6 s) would be most of their start-up time.
@@ -38,8 +40,11 @@ __all__ = [
 
 
 class ModelConfig(Section):
-    """Shape and initialisation of the decoder (a Llama-architecture causal LM)."""
+    """Shape and initialisation of the model (a Llama causal LM, or a BERT encoder)."""
 
+    arch: Literal["llama", "bert"] = "llama"
+    """``llama``: a causal decoder (``objective: causal``); ``bert``: an encoder with a
+    masked-LM head (``objective: mlm``)."""
     vocab_size: int = Field(gt=0)
     """Rows of the token embedding; at least the tokenizer's vocabulary size."""
     d_model: int = Field(gt=0)
@@ -67,7 +72,7 @@ class ModelConfig(Section):
     down_proj) at init_std / sqrt(2 * n_layers), as GPT-2, Megatron and torchtitan do;
     false = init_std like every other matrix."""
     norm_eps: float = Field(1e-5, gt=0)
-    """Epsilon of the RMSNorm layers."""
+    """Epsilon of the RMSNorm (Llama) or LayerNorm (BERT) layers."""
 
     @property
     def head_dim(self) -> int:
@@ -80,7 +85,11 @@ class ModelConfig(Section):
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     def problems(self) -> Iterable[tuple[str, str]]:
-        """Yield head-count problems: shapes a Llama attention layer cannot take."""
+        """Yield head-count problems (shapes an attention layer cannot take), and keys the
+        architecture has no use for."""
+        if self.arch == "bert":
+            yield from self._bert_problems()
+            return
         if self.d_model % self.n_heads:
             yield (
                 "n_heads",
@@ -101,6 +110,23 @@ class ModelConfig(Section):
                 "n_kv_heads",
                 f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})"
                 + _examples(divisors, self.kv_heads),
+            )
+
+    def _bert_problems(self) -> Iterable[tuple[str, str]]:
+        # BERT has no grouped-query attention and no rotary embedding: a value for either
+        # would be silently ignored, so it is an error (set explicitly, not its default)
+        why = {
+            "n_kv_heads": "BERT attention has as many key/value heads as query heads",
+            "rope_theta": "BERT learns absolute position embeddings (no RoPE)",
+        }
+        for key, reason in why.items():
+            if key in self.model_fields_set and getattr(self, key) is not None:
+                yield (key, f"does not apply to arch: bert ({reason}); remove it")
+        if self.d_model % self.n_heads:
+            yield (
+                "n_heads",
+                f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})"
+                + _examples(_head_choices(self.d_model), self.n_heads),
             )
 
 
@@ -125,8 +151,9 @@ def to_hf_config(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-) -> LlamaConfig:
-    """The ``transformers.LlamaConfig`` for ``cfg``, with SDPA attention and no biases.
+) -> LlamaConfig | BertConfig:
+    """The ``transformers`` config for ``cfg`` (``LlamaConfig`` with no biases, or
+    ``BertConfig``), with SDPA attention.
 
     Special token ids default to None (unlike LlamaConfig's 1 and 2): they belong to the
     tokenizer, so callers pass them when they know them.
@@ -137,6 +164,8 @@ def to_hf_config(
             raise ValueError(
                 f"{name}_token_id {value} is outside the vocabulary 0..{cfg.vocab_size - 1}"
             )
+    if cfg.arch == "bert":
+        return _bert_config(cfg, bos_token_id, eos_token_id, pad_token_id)
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -165,6 +194,34 @@ def to_hf_config(
     )
 
 
+def _bert_config(cfg: ModelConfig, bos: int | None, eos: int | None, pad: int | None) -> BertConfig:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.ffn_size,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=1,  # one segment type: kiln packs documents, not sentence pairs
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        initializer_range=cfg.init_std,
+        layer_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
+"""The transformers class each ``model.arch`` builds."""
+
+
 def build_model(
     cfg: ModelConfig,
     *,
@@ -172,8 +229,9 @@ def build_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     **special_ids: int | None,
-) -> LlamaForCausalLM:
-    """A freshly initialised ``LlamaForCausalLM`` for ``cfg``, using SDPA attention.
+) -> PreTrainedModel:
+    """A freshly initialised ``LlamaForCausalLM`` (``BertForMaskedLM`` for ``arch: bert``)
+    for ``cfg``, using SDPA attention.
 
     ``seed`` makes the initial weights reproducible without disturbing the caller's CPU
     random stream (an accelerator's generator is left seeded with it; weights built on a GPU
@@ -182,17 +240,19 @@ def build_model(
     the weights are transformers' own init (not ``init_weights``): for models loaded next.
     ``special_ids`` (bos_token_id, eos_token_id, pad_token_id) go into the config.
     """
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     hf_config = to_hf_config(cfg, **special_ids)
+    auto = AutoModelForMaskedLM if cfg.arch == "bert" else AutoModelForCausalLM
     # allocate weights directly where they will live (and not at all on "meta")
     place = torch.device(device) if device is not None else contextlib.nullcontext()
     with place, torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
-    if not isinstance(model, LlamaForCausalLM):
-        raise TypeError(f"expected LlamaForCausalLM, transformers built {type(model).__name__}")
+        model = auto.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    expected = ARCHITECTURES[cfg.arch]
+    if type(model).__name__ != expected:
+        raise TypeError(f"expected {expected}, transformers built {type(model).__name__}")
     # transformers can silently fall back to eager attention; we rely on the fused kernel
     if model.config._attn_implementation != "sdpa":
         raise RuntimeError(f"model uses {model.config._attn_implementation!r} attention, not sdpa")
@@ -201,8 +261,9 @@ def build_model(
     return model
 
 
-RESIDUAL_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
-"""Parameter name endings of the matrices whose outputs are added to the residual stream."""
+RESIDUAL_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "output.dense.weight")
+"""Parameter name endings of the matrices whose outputs are added to the residual stream
+(Llama's attention and MLP outputs; BERT's ``attention.output.dense`` and ``output.dense``)."""
 
 
 def residual_init_std(cfg: ModelConfig) -> float:
@@ -214,9 +275,9 @@ def residual_init_std(cfg: ModelConfig) -> float:
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
-    """Llama's init (weights N(0, init_std), norms 1, padding row 0), with the residual-stream
-    outputs at ``residual_init_std(cfg)``; each parameter from its own generator seeded by
-    (seed, name).
+    """Llama's / BERT's init (matrices and embeddings N(0, init_std), norm weights 1, biases 0,
+    padding row 0), with the residual-stream outputs at ``residual_init_std(cfg)``; each
+    parameter from its own generator seeded by (seed, name).
 
     Why not the module's own init: the values must not depend on how the model was built.
     Under ZeRO-3 transformers builds it inside ``deepspeed.zero.Init`` (partitioned as it is
@@ -231,12 +292,14 @@ def init_weights(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
         with _gathered(param):
             if param.numel() == 0:  # a ZeRO-3 rank that does not modify: receives rank 0's
                 continue
-            if param.ndim == 1:
-                values = torch.ones(param.shape)
+            if param.ndim == 1:  # norm gains 1; biases (BERT's linears, LayerNorms, head) 0
+                fill = 0.0 if name.endswith("bias") else 1.0
+                values = torch.full(param.shape, fill)
             else:
                 std = residual_std if name.endswith(RESIDUAL_OUTPUTS) else cfg.init_std
                 values = torch.empty(param.shape).normal_(0.0, std, generator=generator)
-                if name.endswith("embed_tokens.weight") and pad is not None:
+                embedding = name.endswith(("embed_tokens.weight", "word_embeddings.weight"))
+                if embedding and pad is not None:
                     values[pad] = 0.0
             with torch.no_grad():
                 param.copy_(values.to(param.dtype))
@@ -261,13 +324,26 @@ def _matmul_params(cfg: ModelConfig) -> int:
 
 def param_count(cfg: ModelConfig) -> int:
     """Exact number of distinct parameters of ``build_model(cfg)`` (tied weights counted once)."""
+    if cfg.arch == "bert":
+        return _bert_param_count(cfg)
     norms = (2 * cfg.n_layers + 1) * cfg.d_model  # two RMSNorm gains per block, one final
     input_embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     return _matmul_params(cfg) + norms + input_embedding
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length ``seq_len``.
+def _bert_param_count(cfg: ModelConfig) -> int:
+    d, f, v = cfg.d_model, cfg.ffn_size, cfg.vocab_size
+    embeddings = (v + cfg.max_seq_len + 1) * d + 2 * d  # tokens, positions, 1 type; LayerNorm
+    block = 4 * (d * d + d) + 2 * d + (d * f + f) + (f * d + d) + 2 * d  # q k v o, LN, FFN, LN
+    head = d * d + d + 2 * d + v  # transform dense, LayerNorm, output bias
+    # untied, transformers gives the decoder its own bias too (tied, it shares the head's)
+    decoder = 0 if cfg.tie_embeddings else v * d + v
+    return embeddings + cfg.n_layers * block + head + decoder
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float | None:
+    """Training FLOPs (forward + backward) per token at sequence length ``seq_len``; None for
+    ``arch: bert`` (no formula yet: MFU is not reported).
 
     ``6 * N_matmul + 12 * n_layers * d_attn * seq_len`` where
 
@@ -285,6 +361,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     FLOPs (the MFU convention): a flash-attention backward also recomputes QK^T, so the
     hardware does 14 rather than 12 * n_layers * d_attn * seq_len for attention.
     """
+    if cfg.arch == "bert":
+        return None
     # PaLM (Chowdhery et al. 2022), Appendix B: 6N + 12 L H Q T FLOPs per token
     d_attn = cfg.n_heads * cfg.head_dim
     return 6.0 * _matmul_params(cfg) + 12.0 * cfg.n_layers * d_attn * seq_len
@@ -300,13 +378,17 @@ def _human(n: float) -> str:
 
 def describe(cfg: ModelConfig, seq_len: int) -> str:
     """A one-line summary: size, shape and training FLOPs per token at ``seq_len``."""
-    mantissa, exponent = f"{flops_per_token(cfg, seq_len):.1e}".split("e")
+    flops = flops_per_token(cfg, seq_len)
+    if flops is None:
+        cost = ""
+    else:
+        mantissa, exponent = f"{flops:.1e}".split("e")
+        cost = f" {mantissa}e{int(exponent)} FLOPs/token at seq {seq_len}"
     heads = f"{cfg.n_heads} heads" + (
-        f" / {cfg.kv_heads} kv" if cfg.kv_heads != cfg.n_heads else ""
+        f" / {cfg.kv_heads} kv" if cfg.kv_heads != cfg.n_heads and cfg.arch == "llama" else ""
     )
     return (
-        f"LlamaForCausalLM {_human(param_count(cfg))} params ({cfg.n_layers} layers x "
+        f"{ARCHITECTURES[cfg.arch]} {_human(param_count(cfg))} params ({cfg.n_layers} layers x "
         f"{cfg.d_model}, {heads}, ffn {cfg.ffn_size}, vocab {cfg.vocab_size}, "
-        f"{'tied' if cfg.tie_embeddings else 'untied'}) {mantissa}e{int(exponent)} FLOPs/token "
-        f"at seq {seq_len}"
+        f"{'tied' if cfg.tie_embeddings else 'untied'}){cost}"
     )

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from launcher.config import save_config
 from launcher.data.sources import check_corpus, resolve_corpus, sample_texts
-from launcher.data.tokenizer import TextTokenizer, TokenizerError, roundtrip_failures
+from launcher.data.tokenizer import (
+    MASK_CANDIDATES,
+    TextTokenizer,
+    TokenizerError,
+    roundtrip_failures,
+)
 from launcher.data.tokenizer_training import train_tokenizer
 from launcher.data.validation import build_validation
 from launcher.stages import Stage
@@ -39,8 +44,17 @@ def load_or_train_tokenizer(cfg: PretrainConfig) -> tuple[TextTokenizer, str]:
     tcfg = cfg.tokenizer
     if tcfg.path is not None:
         tok = TextTokenizer.load(
-            tcfg.path, eos_token=tcfg.eos_token, bos_token=tcfg.bos_token, pad_token=tcfg.pad_token
+            tcfg.path,
+            eos_token=tcfg.eos_token,
+            bos_token=tcfg.bos_token,
+            pad_token=tcfg.pad_token,
+            mask_token=tcfg.mask_token,
         )
+        if cfg.objective == "mlm" and tok.mask_id is None:
+            raise TokenizerError(
+                f"{tok.source}: objective mlm needs a mask token and found none (tried "
+                f"{', '.join(MASK_CANDIDATES)}); set tokenizer.mask_token to one of its tokens"
+            )
         tok.save(out, model_max_length=cfg.model.max_seq_len)
         return tok, f"loaded {tcfg.path} ({tok.vocab_size} tokens)"
     texts = sample_texts(
@@ -51,7 +65,7 @@ def load_or_train_tokenizer(cfg: PretrainConfig) -> tuple[TextTokenizer, str]:
         holdout=cfg.data.validation.fraction,  # the tokenizer never sees validation text
         on_error=cfg.data.on_error,
     )
-    trained = train_tokenizer(tcfg, texts, out)
+    trained = train_tokenizer(tcfg, texts, out, mask=cfg.objective == "mlm")
     how = "reused" if trained.reused else f"trained in {trained.seconds:.1f}s"
     return trained.tokenizer, (
         f"sentencepiece BPE, {trained.tokenizer.vocab_size} tokens, {how} on "

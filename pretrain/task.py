@@ -76,8 +76,13 @@ class PretrainTask(Task):
             seed=self.cfg.run.seed,
             rank=rt.rank,
             world_size=rt.world_size,
+            masker=self.masker(),
         )
         return self.loader
+
+    def masker(self):
+        """What corrupts the training batches in the reader (the masked-LM objective)."""
+        return None
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = forward_logits(model, batch)
@@ -134,7 +139,8 @@ class PretrainTask(Task):
     def export(self, model: nn.Module, state_dict: dict | None, out: Path) -> None:
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save(out, model_max_length=self.cfg.model.max_seq_len)
-        model.generation_config.save_pretrained(out)
+        if model.can_generate():  # an encoder has no generation config
+            model.generation_config.save_pretrained(out)
 
     def save_extras(self, folder: Path) -> list[str]:
         shutil.copytree(self.cfg.run_dir / "tokenizer", folder / "tokenizer")

@@ -7,15 +7,15 @@ from launcher.stages import Stage
 from pretrain.config import PretrainConfig
 from pretrain.export import export_checkpoint
 from pretrain.memory import main as plan_main
+from pretrain.mlm import pretrain_task
 from pretrain.prepare import prepare_inputs
-from pretrain.task import PretrainTask
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, float]:
     """Train, evaluate, export ``runs/<name>/hf/``; returns the last logged metrics. A stop
     signal at any moment (set-up included) leads to a checkpoint and PREEMPTED, not the export.
     """
-    return run_stage(cfg, PretrainTask, prepare=prepare_inputs)
+    return run_stage(cfg, pretrain_task, prepare=prepare_inputs)
 
 
 STAGE = Stage(

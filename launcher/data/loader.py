@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from launcher.data.config import DataConfig
+from launcher.data.masking import Masker
 from launcher.data.packing import Piece, hand_over, own_segment
 from launcher.data.plan import Layout, SourcePlan, redistribute
 from launcher.data.records import RECORD_ERRORS, STATS
@@ -61,9 +62,10 @@ class DataStateError(UserError):
 class _ReaderDataset(IterableDataset):
     """Worker ``w`` runs the reader whose state is ``states[w]``."""
 
-    def __init__(self, corpus, cfg, tokenizer, seed, batch_size, states):
+    def __init__(self, corpus, cfg, tokenizer, seed, batch_size, states, masker=None):
         self.corpus, self.cfg, self.tokenizer = corpus, cfg, tokenizer
         self.seed, self.batch_size, self.states = seed, batch_size, states
+        self.masker = masker
 
     def __iter__(self):
         info = get_worker_info()
@@ -72,7 +74,9 @@ class _ReaderDataset(IterableDataset):
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 signal.signal(sig, signal.SIG_IGN)
             _die_with_parent()
-        reader = ReaderStream(self.corpus, self.cfg, self.tokenizer, self.seed, self.states[worker])
+        reader = ReaderStream(
+            self.corpus, self.cfg, self.tokenizer, self.seed, self.states[worker], self.masker
+        )
         # numpy, not tensors: a tensor crosses processes as a shared-memory file descriptor,
         # a round trip per tensor that cost more than pickling the few kB of a batch.
         for batch, delta in reader.batches(self.batch_size):
@@ -125,8 +129,10 @@ class StreamLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        masker: Masker | None = None,
     ):
         self.cfg, self.tokenizer, self.corpus = cfg, tokenizer, corpus
+        self.masker = masker
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.workers = cfg.num_workers
         per_rank = max(1, self.workers)
@@ -149,6 +155,7 @@ class StreamLoader:
             self.seed,
             self.batch_size,
             [self._states[g] for g in order],
+            self.masker,
         )
         # Workers encode one document at a time; tokenizers' own thread pool would only
         # contend with the trainer (and warns after a fork).

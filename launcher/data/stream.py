@@ -43,6 +43,7 @@ from launcher.data.chunks import (
 )
 from launcher.data.config import DataConfig
 from launcher.data.documents import CorpusError, Document, scan
+from launcher.data.masking import Masker
 from launcher.data.packing import BEGINS, CONTINUES, Packer, Piece
 from launcher.data.plan import Layout, SourcePlan, new_cursor
 from launcher.data.sources import ResolvedCorpus, is_held_out
@@ -89,8 +90,10 @@ class ReaderStream:
         tokenizer: TextTokenizer,
         seed: int,
         state: dict,
+        masker: Masker | None = None,
     ):
         self.corpus, self.cfg, self.tokenizer = corpus, cfg, tokenizer
+        self.masker = masker
         self.layout = Layout(**state["layout"])
         self.plans = [
             SourcePlan(seed, s, len(src.files), cfg.shuffle) for s, src in enumerate(corpus.sources)
@@ -371,12 +374,18 @@ class ReaderStream:
         The change is small (cursors, packer, RNG, counters, and the window's additions and
         removals as ``window_ops``) so that it can travel with every batch; ``apply_delta``
         on the previous full state gives the state right after the batch.
+
+        With a ``masker`` (the masked-LM objective) ``input_ids`` are corrupted, drawn from
+        the reader's RNG (saved with the state), and ``mlm_targets`` replace ``targets``.
         """
         sequences = self.sequences()
         while True:
             rows = [next(sequences) for _ in range(batch_size)]
             batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "source_tokens"}
             batch["source_tokens"] = np.sum([r["source_tokens"] for r in rows], axis=0)
+            if self.masker is not None:
+                del batch["targets"]  # next tokens mean nothing to an encoder
+                batch["input_ids"], batch["mlm_targets"] = self.masker(batch["input_ids"], self.rng)
             delta = self._light_state()
             delta["window_ops"], self.window_ops = self.window_ops, []
             yield batch, delta

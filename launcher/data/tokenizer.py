@@ -30,11 +30,14 @@ from launcher.errors import UserError
 
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 """Special tokens of trained tokenizers, at ids 0-3 (Llama's convention plus a pad)."""
+MASK = "<mask>"
+"""The fifth control token (id 4) of tokenizers trained for the masked-LM objective."""
 USER_SYMBOLS = ["\n", "\t"]
 """Always single tokens: sentencepiece trains on lines, so it would never learn them."""
 EOS_CANDIDATES = ["</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<|im_end|>"]
 BOS_CANDIDATES = ["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"]
 PAD_CANDIDATES = ["<pad>", "<|padding|>", "<|pad|>", "[PAD]"]
+MASK_CANDIDATES = ["<mask>", "[MASK]", "<|mask|>"]
 log = logging.getLogger(__name__)
 _MAX_LINE_BYTES = 8192  # sentencepiece skips longer "sentences" (we allow 16384) — split them
 
@@ -63,6 +66,8 @@ class TokenizerConfig(Section):
     """Existing tokenizers: the end-of-text token, if not found by name."""
     pad_token: str | None = None
     """Existing tokenizers: the padding token (defaults to the end-of-text token)."""
+    mask_token: str | None = None
+    """Existing tokenizers: the mask token of the masked-LM objective, if not found by name."""
 
 
 class TextTokenizer:
@@ -76,6 +81,7 @@ class TextTokenizer:
         bos_token: str | None = None,
         pad_token: str | None = None,
         unk_token: str | None = None,
+        mask_token: str | None = None,
         source: str = "",
         extra_config: dict | None = None,
     ):
@@ -86,6 +92,7 @@ class TextTokenizer:
         self.source = source
         self.tokens = {"eos": eos_token, "bos": bos_token, "pad": pad_token or eos_token}
         self.tokens["unk"] = unk_token
+        self.tokens["mask"] = mask_token
         for role, token in self.tokens.items():
             if token is not None and backend.token_to_id(token) is None:
                 raise TokenizerError(f"{source}: {role} token {token!r} is not in the vocabulary")
@@ -115,6 +122,17 @@ class TextTokenizer:
     @property
     def pad_id(self) -> int:
         return self._id("pad")
+
+    @property
+    def mask_id(self) -> int | None:
+        """The masked-LM objective's mask token (None: the tokenizer has none)."""
+        return self._id("mask")
+
+    def special_ids(self) -> set[int]:
+        """Ids of the special tokens: the roles' and every added special token's."""
+        ids = {self._id(role) for role in self.tokens} - {None}
+        added = self.backend.get_added_tokens_decoder()
+        return ids | {i for i, token in added.items() if token.special}
 
     @property
     def pad_is_eos(self) -> bool:
@@ -187,6 +205,7 @@ class TextTokenizer:
         eos_token: str | None = None,
         bos_token: str | None = None,
         pad_token: str | None = None,
+        mask_token: str | None = None,
     ) -> TextTokenizer:
         """Load an HF tokenizer directory or ``tokenizer.json``; find its special tokens.
 
@@ -230,6 +249,7 @@ class TextTokenizer:
             bos_token=pick("bos", bos_token, BOS_CANDIDATES),
             pad_token=pick("pad", pad_token, PAD_CANDIDATES),
             unk_token=pick("unk", None, ["<unk>", "[UNK]"]),
+            mask_token=pick("mask", mask_token, MASK_CANDIDATES),
             source=str(file),
             extra_config=extra,
         )

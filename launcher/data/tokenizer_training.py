@@ -16,10 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
 from launcher.data.tokenizer import (
     _MAX_LINE_BYTES,
+    MASK,
     SPECIALS,
     USER_SYMBOLS,
     TextTokenizer,
@@ -115,7 +116,7 @@ def _rare_characters(texts: Sequence[str], vocab_size: int) -> dict[int, str]:
     for text in texts:
         counts.update(text)
     counts["▁"] += counts.pop(" ", 0)
-    room = vocab_size - len(SPECIALS) - 256 - len(USER_SYMBOLS) - 8  # 8: a margin for ties
+    room = vocab_size - len(SPECIALS) - 1 - 256 - len(USER_SYMBOLS) - 8  # 1: a mask; 8: ties
     common = {c for c, _ in counts.most_common(room)} | {" ", *USER_SYMBOLS}
     rare = [c for c in counts if c not in common]
     log.warning(
@@ -140,12 +141,16 @@ class TrainedTokenizer:
 
 
 def train_tokenizer(
-    cfg: TokenizerConfig, texts: Iterable[str], out_dir: str | Path
+    cfg: TokenizerConfig, texts: Iterable[str], out_dir: str | Path, mask: bool = False
 ) -> TrainedTokenizer:
     """Train a lossless sentencepiece BPE on (a bounded sample of) ``texts``; save both forms.
 
     ``out_dir`` receives ``tokenizer.model`` and the HF files. If it already holds a tokenizer
     trained with the same settings on the same sample, that one is reused.
+    ``mask`` (the masked-LM objective): ``<mask>`` is a fifth control token (id 4), and the
+    saved tokenizer adds BOS ... EOS around a text for HF users (``add_special_tokens``), as
+    every training document has them: ``pipeline("fill-mask")`` and a classifier pooling the
+    first token ([CLS]) see what the encoder was trained on.
     Raises ``TokenizerError`` when the sample cannot support ``cfg.vocab_size``.
     """
     import sentencepiece as spm
@@ -154,7 +159,7 @@ def train_tokenizer(
     out = Path(out_dir)
     sample: list[str] = []
     n_bytes = skipped = 0
-    digest = hashlib.sha256(cfg.model_dump_json().encode())
+    digest = hashlib.sha256(cfg.model_dump_json().encode() + (b"\0mask" if mask else b""))
     for text in texts:
         if len(sample) >= cfg.sample_docs or n_bytes >= cfg.sample_bytes:
             break
@@ -194,6 +199,7 @@ def train_tokenizer(
             split_digits=cfg.split_digits,
             allow_whitespace_only_pieces=True,  # runs of spaces (code indentation) as tokens
             user_defined_symbols=USER_SYMBOLS,
+            control_symbols=[MASK] if mask else [],
             max_sentence_length=2 * _MAX_LINE_BYTES,
             num_threads=2,
             minloglevel=2,
@@ -221,12 +227,21 @@ def train_tokenizer(
                 "or give more text (tokenizer.sample_docs, tokenizer.sample_bytes)"
             ) from None
         raise TokenizerError(f"sentencepiece training failed: {exc}") from None
+    backend = sentencepiece_to_hf(model_proto)
+    if mask:
+        bos, eos = SPECIALS["bos"], SPECIALS["eos"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A {eos}",
+            pair=f"{bos} $A {eos} $B:1 {eos}:1",
+            special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
+        )
     tokenizer = TextTokenizer(
-        sentencepiece_to_hf(model_proto),
+        backend,
         eos_token=SPECIALS["eos"],
         bos_token=SPECIALS["bos"],
         pad_token=SPECIALS["pad"],
         unk_token=SPECIALS["unk"],
+        mask_token=MASK if mask else None,
         source=str(out / "tokenizer.model"),
     )
     _check_twin(spm.SentencePieceProcessor(model_proto=model_proto), tokenizer, sample[:100])

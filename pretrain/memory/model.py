@@ -66,6 +66,12 @@ def load_model(ref: str):
             f"{', '.join(presets)}){hint}"
         )
     try:
-        return load_config(ModelConfig, path)
+        cfg = load_config(ModelConfig, path)
     except ConfigError as exc:
         raise PlanError(f"MODEL_PRESET: {exc}") from None
+    if cfg.arch != "llama":
+        raise PlanError(
+            f"MODEL_PRESET: {path} is a {cfg.arch} model; the planner models Llama blocks only "
+            "(a BERT encoder's memory is not planned yet)"
+        )
+    return cfg

@@ -21,13 +21,15 @@ QUIET = [
 ]
 
 
-def command(root: Path, name: str, *overrides: str, nproc: int = 2) -> list[str]:
+def command(
+    root: Path, name: str, *overrides: str, nproc: int = 2, recipe: str = TINY
+) -> list[str]:
     return [
         sys.executable,
         "-m",
         "launcher",
         "pretrain",
-        TINY,
+        recipe,
         "--nproc",
         str(nproc),
         f"run.output_dir={root}",
@@ -42,9 +44,17 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "WANDB_MODE": "disabled", **extra}
 
 
-def run(root: Path, name: str, *overrides: str, nproc: int = 2, check: bool = True, **extra_env):
+def run(
+    root: Path,
+    name: str,
+    *overrides: str,
+    nproc: int = 2,
+    check: bool = True,
+    recipe: str = TINY,
+    **extra_env,
+):
     done = subprocess.run(
-        command(root, name, *overrides, nproc=nproc),
+        command(root, name, *overrides, nproc=nproc, recipe=recipe),
         cwd=root,
         env=env(**extra_env),
         capture_output=True,

@@ -40,7 +40,7 @@ def config(**changes: object) -> ModelConfig:
 
 
 def test_the_documented_presets_are_shipped() -> None:
-    assert PRESETS == ["125m", "1b", "350m", "7b", "small", "tiny"]
+    assert PRESETS == ["125m", "1b", "350m", "7b", "small", "tiny", "tiny-bert"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -1,0 +1,215 @@
+"""The masked-LM objective for real: `python -m launcher pretrain configs/pretrain/tiny-mlm.yaml
+--nproc 2` (gloo, DeepSpeed ZeRO-0/2/3), exact resume, what it learns, its export through a
+fresh `pipeline("fill-mask")`, and the classification stage on the encoder it made."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from launcher.config import CONFIG_ROOT, load_config
+from launcher.data.tokenizer import TextTokenizer
+from pretrain.config import PretrainConfig
+from pretrain.model import build_model
+
+from ..launcher.runs import losses, metrics, run, world_sizes
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+MLM = str(CONFIG_ROOT / "pretrain" / "tiny-mlm.yaml")
+SHORT = ["train.max_steps=20", "checkpoint.every=10"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mlm")
+
+
+def mlm(root: Path, name: str, *overrides: str, check: bool = True):
+    return run(root, name, *overrides, recipe=MLM, check=check)
+
+
+@pytest.fixture(scope="module")
+def zero_runs(root) -> dict[int, dict[int, float]]:
+    """ZeRO-0 and -2 for the first 10 of 20 steps (the same LR schedule), ZeRO-3 for all 20
+    (the uninterrupted reference), 2 ranks each."""
+    out = {}
+    for stage in (0, 2, 3):
+        stop = [] if stage == 3 else ["train.stop_after=10"]
+        mlm(root, f"zero{stage}", f"dist.zero_stage={stage}", *SHORT, *stop)
+        assert world_sizes(root, f"zero{stage}") == {2.0}
+        assert {m["dist/zero_stage"] for m in metrics(root, f"zero{stage}")} == {float(stage)}
+        out[stage] = losses(root, f"zero{stage}")
+    return out
+
+
+def test_zero_0_2_3_give_the_same_first_ten_masked_lm_losses(zero_runs) -> None:
+    reference = [zero_runs[0][s] for s in range(1, 11)]
+    assert reference[0] > 6.0  # ln(2048) = 7.6 at init: a real masked-LM loss, not a stub
+    for stage in (2, 3):
+        got = [zero_runs[stage][s] for s in range(1, 11)]
+        assert got == pytest.approx(reference, rel=1e-5), stage
+
+
+def test_stop_after_10_then_resume_to_20_gives_the_uninterrupted_losses(root, zero_runs) -> None:
+    mlm(root, "half", "dist.zero_stage=3", *SHORT, "train.stop_after=10")
+    assert max(losses(root, "half")) == 10
+    mlm(root, "half", "dist.zero_stage=3", *SHORT)
+    resumed, full = losses(root, "half"), zero_runs[3]
+    assert world_sizes(root, "half") == {2.0}
+    assert sorted(resumed) == list(range(1, 21)) == sorted(full)
+    assert max(abs(resumed[s] - full[s]) for s in full) == 0.0
+
+
+@pytest.fixture(scope="module")
+def trained(root) -> Path:
+    """300 steps of tiny-bert on tiny.yaml's corpus, 2 ranks; the run directory."""
+    mlm(root, "learn", "train.max_steps=300", "eval.every=300")
+    return root / "learn"
+
+
+def test_300_steps_reach_three_times_the_most_frequent_token_accuracy(trained) -> None:
+    [final] = [m for m in metrics(trained.parent, "learn") if "eval/accuracy" in m]
+    accuracy, baseline = final["eval/accuracy"], final["eval/baseline_accuracy"]
+    print(f"masked accuracy {accuracy:.4f}, most frequent token {baseline:.4f}")
+    assert final["eval/masked_tokens"] > 1000
+    assert 0.03 < baseline < 0.3
+    assert accuracy >= 3 * baseline
+
+
+SENTENCES = [
+    ("The bookbinder thought about the well that he had", " counted", " long ago."),
+]
+
+
+def masked_sentences(corpus: Path, tokenizer: TextTokenizer, n: int = 20) -> list[str]:
+    """``n`` held-in sentences from the corpus with one word replaced by <mask>."""
+    out = []
+    with gzip.open(sorted(corpus.glob("shard-*.jsonl.gz"))[0], "rt") as f:
+        for line in f:
+            words = json.loads(line)["text"].split(". ")[0].split(" ")
+            if len(words) >= 6:
+                k = len(out) % (len(words) - 2) + 1
+                out.append(" ".join(words[:k]) + " <mask> " + " ".join(words[k + 1 :]) + ".")
+            if len(out) == n:
+                return out
+    raise AssertionError("not enough sentences")
+
+
+def test_a_fresh_fill_mask_pipeline_on_the_export_agrees_with_the_trainers_model(
+    trained,
+) -> None:
+    cfg = load_config(PretrainConfig, trained / "config.yaml")
+    tokenizer = TextTokenizer.load(trained / "tokenizer")
+    sentences = masked_sentences(Path(cfg.data.builtin.dir), tokenizer)
+    # the trainer's model: its last checkpoint's weights, in this process
+    [last] = sorted((trained / "checkpoints").glob("step-*"))[-1:]
+    model = build_model(cfg.model, pad_token_id=tokenizer.pad_id)
+    weights = {}
+    for path in last.glob("model-*.safetensors"):
+        weights.update(load_file(str(path)))
+    model.load_state_dict(weights, strict=False)
+    model.tie_weights()
+    ours = []
+    with torch.no_grad():
+        for text in sentences:
+            left, right = text.split("<mask>")
+            ids = [
+                tokenizer.bos_id,
+                *tokenizer.encode(left),
+                tokenizer.mask_id,
+                *tokenizer.encode(right),
+                tokenizer.eos_id,
+            ]
+            logits = model.eval()(input_ids=torch.tensor([ids])).logits[0]
+            ours.append(int(logits[ids.index(tokenizer.mask_id)].argmax()))
+    script = (
+        "import json, sys\n"
+        "from transformers import pipeline\n"
+        "fill = pipeline('fill-mask', model=sys.argv[1])\n"
+        "print(json.dumps([fill(t, top_k=1)[0]['token'] for t in json.loads(sys.argv[2])]))\n"
+    )
+    fresh = subprocess.run(
+        [sys.executable, "-c", script, str(trained / "hf"), json.dumps(sentences)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    theirs = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert len(theirs) == 20 and theirs == ours
+    assert len(set(ours)) > 1  # not one constant answer
+
+
+def genre_split(corpus: Path, out: Path) -> dict[str, Path]:
+    """100 training, 100 validation and 200 test records (text, genre) of the corpus."""
+    records = []
+    for path in sorted(corpus.glob("shard-*.jsonl.gz")):
+        with gzip.open(path, "rt") as f:
+            records += [json.loads(line) for line in f]
+    files = {}
+    for name, part in (("train", records[:100]), ("validation", records[100:200])):
+        files[name] = out / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in part))
+    files["test"] = out / "test.jsonl"
+    files["test"].write_text("".join(json.dumps(r) + "\n" for r in records[200:400]))
+    return files
+
+
+def classify(root: Path, name: str, parent: Path, files: dict[str, Path]) -> dict:
+    tree = yaml.safe_load((CONFIG_ROOT / "finetune" / "classify-tiny.yaml").read_text())
+    tree["run"] = {"name": name, "output_dir": str(root), "seed": 0}
+    tree["init"] = {"path": str(parent)}
+    tree["data"].pop("validation_fraction")
+    tree["data"].pop("test_fraction")
+    tree["data"]["train"] = [{"paths": [str(files["train"])]}]
+    tree["data"]["validation"] = [{"paths": [str(files["validation"])]}]
+    tree["data"]["test"] = [{"paths": [str(files["test"])]}]
+    tree["classify"]["patience"] = None
+    tree["metrics"] = {"wandb": False, "progress_bar": False, "log_every": 5}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher", "classify", str(path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((root / name / "report.json").read_text())
+
+
+def test_classification_from_the_mlm_encoder_beats_the_same_encoder_from_random_init(
+    root, trained
+) -> None:
+    cfg = load_config(PretrainConfig, trained / "config.yaml")
+    tokenizer = TextTokenizer.load(trained / "tokenizer")
+    random_init = root / "random-init"
+    model = build_model(
+        cfg.model,
+        seed=cfg.run.seed,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    model.save_pretrained(random_init)
+    tokenizer.save(random_init, model_max_length=cfg.model.max_seq_len)
+    files = genre_split(Path(cfg.data.builtin.dir), root)
+    pretrained = classify(root, "genre-mlm", trained / "hf", files)
+    scratch = classify(root, "genre-scratch", random_init, files)
+    ours, theirs = pretrained["test"]["macro_f1"], scratch["test"]["macro_f1"]
+    print(f"genre test macro-F1: MLM-pretrained {ours:.4f}, random init {theirs:.4f}")
+    assert pretrained["examples"]["train"] == scratch["examples"]["train"] == 100
+    assert len(pretrained["epochs"]) == len(scratch["epochs"]) == 3
+    assert ours >= theirs + 0.10
