@@ -114,13 +114,14 @@ class ModelConfig(Section):
 
     def _bert_problems(self) -> Iterable[tuple[str, str]]:
         # BERT has no grouped-query attention and no rotary embedding: a value for either
-        # would be silently ignored, so it is an error (set explicitly, not its default)
+        # would be silently ignored, so it is an error (one other than the default: a saved
+        # resolved config lists every field, and must load again)
         why = {
             "n_kv_heads": "BERT attention has as many key/value heads as query heads",
             "rope_theta": "BERT learns absolute position embeddings (no RoPE)",
         }
         for key, reason in why.items():
-            if key in self.model_fields_set and getattr(self, key) is not None:
+            if getattr(self, key) != type(self).model_fields[key].default:
                 yield (key, f"does not apply to arch: bert ({reason}); remove it")
         if self.d_model % self.n_heads:
             yield (

@@ -113,9 +113,14 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[CorpusInfo | None, TextTokenize
     if bad:
         print(f"[kiln] WARNING: {tokenizer.source} is lossy on {len(bad)} sampled documents")
     val = build_validation(cfg.data, corpus, tokenizer)
+    measure = (
+        f"{val.target_tokens} target tokens (for bits per byte)"
+        if cfg.objective == "causal"
+        else f"{val.target_tokens + 1} tokens, {cfg.mlm.rate:.0%} of them masked (fixed seed)"
+    )
     print(
         f"[kiln] validation      {val.documents} documents, {val.text_bytes / 1e3:.0f} kB, "
-        f"{val.target_tokens} target tokens (for bits per byte)"
+        + measure
     )
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise TokenizerError(

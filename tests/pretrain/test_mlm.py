@@ -251,3 +251,12 @@ def test_the_memory_planner_refuses_a_bert_preset(capsys) -> None:
 
     assert plan_main(["tiny-bert"]) == 2
     assert "is a bert model; the planner models Llama blocks only" in capsys.readouterr().err
+
+
+def test_the_resolved_config_a_run_saves_loads_again(tmp_path) -> None:
+    """`kiln export` and a resume read the run's config.yaml, which lists every field."""
+    from launcher.config import save_config
+
+    cfg = load_config(PretrainConfig, TINY_MLM, [f"run.output_dir={tmp_path}"])
+    again = load_config(PretrainConfig, save_config(cfg, tmp_path))
+    assert again == cfg and again.model.arch == "bert" and again.objective == "mlm"

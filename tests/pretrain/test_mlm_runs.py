@@ -85,11 +85,6 @@ def test_300_steps_reach_three_times_the_most_frequent_token_accuracy(trained) -
     assert accuracy >= 3 * baseline
 
 
-SENTENCES = [
-    ("The bookbinder thought about the well that he had", " counted", " long ago."),
-]
-
-
 def masked_sentences(corpus: Path, tokenizer: TextTokenizer, n: int = 20) -> list[str]:
     """``n`` held-in sentences from the corpus with one word replaced by <mask>."""
     out = []
@@ -148,6 +143,20 @@ def test_a_fresh_fill_mask_pipeline_on_the_export_agrees_with_the_trainers_model
     theirs = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert len(theirs) == 20 and theirs == ours
     assert len(set(ours)) > 1  # not one constant answer
+
+
+def test_kiln_export_of_the_last_checkpoint_is_the_runs_own_export(trained, tmp_path) -> None:
+    from transformers import AutoModelForMaskedLM
+
+    from pretrain.export import export_checkpoint
+
+    [last] = sorted((trained / "checkpoints").glob("step-*"))[-1:]
+    out = export_checkpoint(last, tmp_path / "hf", dtype=torch.float32)
+    assert not (out / "generation_config.json").exists()  # an encoder does not generate
+    ours = AutoModelForMaskedLM.from_pretrained(out).state_dict()
+    theirs = AutoModelForMaskedLM.from_pretrained(trained / "hf").state_dict()
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours) == 0.0
 
 
 def genre_split(corpus: Path, out: Path) -> dict[str, Path]:
