@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,9 @@ def test_stop_after_10_then_resume_to_20_gives_the_uninterrupted_losses(root, ze
 @pytest.fixture(scope="module")
 def trained(root) -> Path:
     """300 steps of tiny-bert on tiny.yaml's corpus, 2 ranks; the run directory."""
+    started = time.monotonic()
     mlm(root, "learn", "train.max_steps=300", "eval.every=300")
+    print(f"300 masked-LM steps on 2 ranks: {time.monotonic() - started:.0f} s")
     return root / "learn"
 
 
@@ -222,6 +225,8 @@ def test_classification_from_the_mlm_encoder_beats_the_same_encoder_from_random_
     scratch = classify(root, "genre-scratch", random_init, files)
     ours, theirs = pretrained["test"]["macro_f1"], scratch["test"]["macro_f1"]
     print(f"genre test macro-F1: MLM-pretrained {ours:.4f}, random init {theirs:.4f}")
+    config = json.loads((root / "genre-mlm" / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]  # pools [CLS] = BOS
     assert pretrained["examples"]["train"] == scratch["examples"]["train"] == 100
     assert len(pretrained["epochs"]) == len(scratch["epochs"]) == 3
     assert ours >= theirs + 0.10
