@@ -10,11 +10,12 @@ labels are read for that, a label field per record), ``layer_decay`` outside (0,
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.config import ParentTokenizer
+from finetune.config import ParentTokenizer, parent_max_positions
 from launcher.config import Section
 from launcher.data.examples import ExampleSource
 from launcher.run_config import BestSection, RunConfig
@@ -109,6 +110,15 @@ class ClassifyConfig(RunConfig):
         c = self.classify
         if self.init.path is None:
             yield "init.path", "required: the HF model directory to fine-tune"
+        else:
+            # an encoder's learned positions end there (an index error past it, not a warning)
+            limit = parent_max_positions(Path(self.init.path))
+            if limit is not None and self.data.max_length > limit:
+                yield (
+                    "data.max_length",
+                    f"{self.data.max_length} is over the model's max_position_embeddings "
+                    f"({limit}, {Path(self.init.path) / 'config.json'}); use at most {limit}",
+                )
         if c.patience is not None and self.eval.every != "epoch":
             yield (
                 "classify.patience",

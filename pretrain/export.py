@@ -1,6 +1,6 @@
-"""Checkpoint -> plain HF model directory (safetensors, config.json, generation_config.json,
-tokenizer files), without DeepSpeed or a process group: the checkpoint holds every weight in
-full, by name (launcher/snapshot.py)."""
+"""Checkpoint -> plain HF model directory (safetensors, config.json, tokenizer files, and
+generation_config.json for a decoder), without DeepSpeed or a process group: the checkpoint
+holds every weight in full, by name (launcher/snapshot.py)."""
 
 from __future__ import annotations
 

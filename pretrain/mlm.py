@@ -37,7 +37,7 @@ class MaskedLMTask(PretrainTask):
         self._masker = Masker(cfg.mlm, self.tokenizer)
         v = self.validation
         rng = np.random.default_rng([cfg.run.seed, VALIDATION_MASK_STREAM])
-        ids, targets = self._masker(v.input_ids, rng)
+        ids, targets = self._masker(v.input_ids, rng, v.segment_ids)
         # the validation set's targets become the masked positions' tokens (IGNORE elsewhere,
         # padding included: it is never maskable)
         self.validation = dataclasses.replace(v, input_ids=ids, targets=targets)

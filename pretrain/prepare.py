@@ -50,10 +50,13 @@ def load_or_train_tokenizer(cfg: PretrainConfig) -> tuple[TextTokenizer, str]:
             pad_token=tcfg.pad_token,
             mask_token=tcfg.mask_token,
         )
-        if cfg.objective == "mlm" and tok.mask_id is None:
+        if cfg.objective == "mlm":
+            check_mlm_tokenizer(tok)
+        if cfg.data.add_bos and tok.bos_id is None:
             raise TokenizerError(
-                f"{tok.source}: objective mlm needs a mask token and found none (tried "
-                f"{', '.join(MASK_CANDIDATES)}); set tokenizer.mask_token to one of its tokens"
+                f"{tok.source}: data.add_bos is set and the tokenizer has no begin-of-text token "
+                "(tried <s>, <|begin_of_text|>, <bos>, <|startoftext|>); set tokenizer.bos_token "
+                '(a BERT tokenizer: "[CLS]", with tokenizer.eos_token "[SEP]")'
             )
         tok.save(out, model_max_length=cfg.model.max_seq_len)
         return tok, f"loaded {tcfg.path} ({tok.vocab_size} tokens)"
@@ -71,6 +74,22 @@ def load_or_train_tokenizer(cfg: PretrainConfig) -> tuple[TextTokenizer, str]:
         f"sentencepiece BPE, {trained.tokenizer.vocab_size} tokens, {how} on "
         f"{trained.docs} documents ({trained.text_bytes / 1e6:.1f} MB)"
     )
+
+
+def check_mlm_tokenizer(tok: TextTokenizer) -> None:
+    """A brought tokenizer for the masked-LM objective: it has a mask token of its own (the
+    pad id's embedding never trains; an EOS or BOS as mask would read as a document edge)."""
+    if tok.mask_id is None:
+        raise TokenizerError(
+            f"{tok.source}: objective mlm needs a mask token and found none (tried "
+            f"{', '.join(MASK_CANDIDATES)}); set tokenizer.mask_token to one of its tokens"
+        )
+    for role in ("bos", "eos", "pad", "unk"):
+        if tok.tokens[role] is not None and tok.tokens[role] == tok.tokens["mask"]:
+            raise TokenizerError(
+                f"{tok.source}: the mask token {tok.tokens['mask']!r} is also its {role} token; "
+                "set tokenizer.mask_token to a token of its own"
+            )
 
 
 def prepare_inputs(cfg: PretrainConfig) -> tuple[CorpusInfo | None, TextTokenizer]:
@@ -116,7 +135,7 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[CorpusInfo | None, TextTokenize
     measure = (
         f"{val.target_tokens} target tokens (for bits per byte)"
         if cfg.objective == "causal"
-        else f"{val.target_tokens + 1} tokens, {cfg.mlm.rate:.0%} of them masked (fixed seed)"
+        else f"{val.target_tokens + 1} tokens, masked once with a fixed seed"
     )
     print(
         f"[kiln] validation      {val.documents} documents, {val.text_bytes / 1e3:.0f} kB, "

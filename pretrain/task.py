@@ -91,7 +91,7 @@ class PretrainTask(Task):
     def tokens_per_sequence(self) -> int:
         return self.cfg.data.seq_len
 
-    def flops_per_token(self) -> float:
+    def flops_per_token(self) -> float | None:
         return flops_per_token(self.cfg.model, self.cfg.data.seq_len)
 
     def on_log(self) -> None:

@@ -50,11 +50,16 @@ class MaskingConfig(Section):
             )
 
 
+def id_space(tokenizer: TextTokenizer) -> int:
+    """One more than the largest id (a vocabulary may have gaps: ``vocab_size`` counts)."""
+    return max(tokenizer.backend.get_vocab(with_added_tokens=True).values()) + 1
+
+
 def word_starts(tokenizer: TextTokenizer) -> np.ndarray:
-    """``[vocab]`` bools: the token begins a word (see the module's doc). Every token is its
+    """``[ids]`` bools: the token begins a word (see the module's doc). Every token is its
     own word when the tokenizer has no recognisable marker."""
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-    table = np.ones(tokenizer.vocab_size, dtype=bool)
+    table = np.ones(id_space(tokenizer), dtype=bool)
     model = json.loads(tokenizer.backend.to_str()).get("model", {})
     if model.get("type") == "WordPiece":
         prefix = model.get("continuing_subword_prefix") or "##"
@@ -80,10 +85,10 @@ class Masker:
                 "has none; set tokenizer.mask_token to one of its tokens"
             )
         self.cfg, self.mask_id = cfg, mask_id
-        n = tokenizer.vocab_size
-        special = np.zeros(n, dtype=bool)
-        for i in tokenizer.special_ids():
-            special[i] = True
+        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+        special = np.ones(id_space(tokenizer), dtype=bool)  # ids in no token's name: never
+        special[list(vocab.values())] = False
+        special[list(tokenizer.special_ids())] = True
         self.never = special
         self.random_ids = np.flatnonzero(~special)
         self.starts = word_starts(tokenizer) | special  # a special token ends the word before
@@ -92,12 +97,17 @@ class Masker:
         inside = ids < len(self.never)  # an id past the tokenizer (model rows) is not a token
         return inside & ~self.never[np.minimum(ids, len(self.never) - 1)]
 
-    def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(corrupted ids, targets): targets are the original ids where chosen, else IGNORE."""
+    def __call__(
+        self, ids: np.ndarray, rng: np.random.Generator, segment_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(corrupted ids, targets): targets are the original ids where chosen, else IGNORE.
+        ``segment_ids`` (packed rows): a new segment also starts a word."""
         ids = np.asarray(ids, dtype=np.int64)
         maskable = self._maskable(ids)
         if self.cfg.whole_word:
             starts = self.starts[np.minimum(ids, len(self.starts) - 1)] | ~maskable
+            if segment_ids is not None:
+                starts[:, 1:] |= segment_ids[:, 1:] != segment_ids[:, :-1]
             starts[:, 0] = True  # a row starts a word
             word = np.cumsum(starts.reshape(-1)).reshape(ids.shape) - 1
             chosen = (rng.random(int(word.max()) + 1) < self.cfg.rate)[word] & maskable

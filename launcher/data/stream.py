@@ -385,7 +385,9 @@ class ReaderStream:
             batch["source_tokens"] = np.sum([r["source_tokens"] for r in rows], axis=0)
             if self.masker is not None:
                 del batch["targets"]  # next tokens mean nothing to an encoder
-                batch["input_ids"], batch["mlm_targets"] = self.masker(batch["input_ids"], self.rng)
+                batch["input_ids"], batch["mlm_targets"] = self.masker(
+                    batch["input_ids"], self.rng, batch.get("segment_ids")
+                )
             delta = self._light_state()
             delta["window_ops"], self.window_ops = self.window_ops, []
             yield batch, delta

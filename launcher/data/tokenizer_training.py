@@ -108,7 +108,7 @@ def _training_lines(texts: Iterable[str], drop: dict[int, str] | None = None) ->
                 yield line
 
 
-def _rare_characters(texts: Sequence[str], vocab_size: int) -> dict[int, str]:
+def _rare_characters(texts: Sequence[str], vocab_size: int, mask: bool = False) -> dict[int, str]:
     """A ``str.translate`` table turning into newlines every character beyond the ones a
     ``vocab_size`` vocabulary can hold besides its specials and bytes, counted the way
     sentencepiece does (a space is its "▁"); byte fallback encodes them. Logs what it drops."""
@@ -116,7 +116,7 @@ def _rare_characters(texts: Sequence[str], vocab_size: int) -> dict[int, str]:
     for text in texts:
         counts.update(text)
     counts["▁"] += counts.pop(" ", 0)
-    room = vocab_size - len(SPECIALS) - 1 - 256 - len(USER_SYMBOLS) - 8  # 1: a mask; 8: ties
+    room = vocab_size - len(SPECIALS) - mask - 256 - len(USER_SYMBOLS) - 8  # 8: a margin for ties
     common = {c for c, _ in counts.most_common(room)} | {" ", *USER_SYMBOLS}
     rare = [c for c in counts if c not in common]
     log.warning(
@@ -217,7 +217,9 @@ def train_tokenizer(
             # More distinct characters than the vocabulary holds at this coverage (a few
             # documents of random symbols do that; sentencepiece refuses a coverage < 0.98):
             # train without the rarest, which byte fallback encodes anyway.
-            model_proto = train(_training_lines(sample, _rare_characters(sample, cfg.vocab_size)))
+            model_proto = train(
+                _training_lines(sample, _rare_characters(sample, cfg.vocab_size, mask))
+            )
     except RuntimeError as exc:
         limit = re.search(r"value <= (\d+)", str(exc))
         if limit:
@@ -232,7 +234,7 @@ def train_tokenizer(
         bos, eos = SPECIALS["bos"], SPECIALS["eos"]
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A {eos}",
-            pair=f"{bos} $A {eos} $B:1 {eos}:1",
+            pair=f"{bos} $A {eos} $B {eos}",  # one token type: type_vocab_size is 1
             special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
         )
     tokenizer = TextTokenizer(

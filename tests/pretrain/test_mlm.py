@@ -237,13 +237,124 @@ def test_a_brought_tokenizer_without_a_mask_token_is_refused_naming_its_file(
     )
     with pytest.raises(TokenizerError, match=r"tok/tokenizer.json: objective mlm needs a mask"):
         load_or_train_tokenizer(cfg)
-    # named explicitly, a token of its vocabulary becomes the mask
+    # a mask that is another role's token is refused too (pad's embedding never trains)
     named = cfg.tokenizer.model_copy(update={"mask_token": "<pad>"})
-    cfg = cfg.model_copy(update={"tokenizer": named})
-    tok, _ = load_or_train_tokenizer(cfg)
-    assert tok.mask_id == plain.tokenizer.pad_id
+    with pytest.raises(TokenizerError, match="'<pad>' is also its pad token"):
+        load_or_train_tokenizer(cfg.model_copy(update={"tokenizer": named}))
     with pytest.raises(TokenizerError, match="mask token"):
         Masker(MaskingConfig(), plain.tokenizer)
+
+
+def wordpiece_dir(out) -> str:
+    """A BERT-style WordPiece tokenizer: [PAD] [UNK] [CLS] [SEP] [MASK], "##" continuations."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    words = ["the", "river", "town", "run", "##s", "##ning", "a", "."]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in list(vocab)[:5]])
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    TextTokenizer(backend, eos_token="[SEP]", pad_token="[PAD]").save(out)
+    return str(out)
+
+
+def test_a_brought_wordpiece_tokenizer_masks_whole_words_and_never_its_specials(tmp_path) -> None:
+    path = wordpiece_dir(tmp_path / "wp")
+    cfg = load_config(
+        PretrainConfig,
+        TINY_MLM,
+        [f"tokenizer.path={path}", f"run.output_dir={tmp_path / 'runs'}"],
+    )
+    with pytest.raises(TokenizerError, match=r'bos_token \(a BERT tokenizer: "\[CLS\]"'):
+        load_or_train_tokenizer(cfg)  # add_bos, and no BOS found by name
+    named = cfg.tokenizer.model_copy(update={"bos_token": "[CLS]", "eos_token": "[SEP]"})
+    tok, _ = load_or_train_tokenizer(cfg.model_copy(update={"tokenizer": named}))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id) == (2, 3, 0, 4)
+    assert tok.special_ids() == {0, 1, 2, 3, 4}
+    starts = word_starts(tok)
+    assert starts[tok.backend.token_to_id("run")] and not starts[tok.backend.token_to_id("##s")]
+    masker = Masker(MaskingConfig(rate=0.5, whole_word=True), tok)
+    ids = [2, *tok.encode("the river runs a running town ."), 3]
+    rows = np.array([ids] * 4000)
+    masked, targets = masker(rows, np.random.default_rng(0))
+    chosen = targets != IGNORE
+    assert not chosen[:, [0, -1]].any()  # [CLS] and [SEP]
+    assert np.all(masked[:, [0, -1]] == [2, 3])
+    run_s = [ids.index(tok.backend.token_to_id("run")), ids.index(tok.backend.token_to_id("##s"))]
+    assert np.array_equal(chosen[:, run_s[0]], chosen[:, run_s[1]])  # "run ##s": one word
+    assert abs(chosen[:, 1].mean() - 0.5) < 0.03
+    assert set(np.unique(masked[chosen & (masked != rows)])) <= set(range(4, 13))
+
+
+def test_hand_written_rows_give_the_words_the_masker_keeps_together(tokenizer) -> None:
+    """Words by hand: a continuation at a row's start begins a word; a special token and a
+    new packed segment end one."""
+    t = tokenizer.backend.token_to_id
+    river = tokenizer.encode(" riverbank")
+    assert len(river) >= 2 and river[0] != t("▁")
+    cont = river[1:]  # continuation tokens (no "▁")
+    row = [*cont, *tokenizer.encode(" the"), *river, tokenizer.eos_id, *cont, *river]
+    segments = [1] * (len(cont) + 1 + len(river) + 1) + [2] * len(cont) + [2] * len(river)
+    rows, segs = np.array([row] * 3000), np.array([segments] * 3000)
+    masker = Masker(MaskingConfig(rate=0.5, whole_word=True), tokenizer)
+    chosen = masker(rows, np.random.default_rng(3), segs)[1] != IGNORE
+    groups, at = [], 0
+    for n in (len(cont), 1, len(river), 1, len(cont), len(river)):
+        groups.append(list(range(at, at + n)))
+        at += n
+    for word in (groups[0], groups[2], groups[4], groups[5]):
+        assert all(np.array_equal(chosen[:, word[0]], chosen[:, k]) for k in word)
+    assert not chosen[:, groups[3]].any()  # EOS
+    # the continuation after EOS in a new segment is a word of its own, not river's tail
+    assert not np.array_equal(chosen[:, groups[4][0]], chosen[:, groups[2][0]])
+    assert not np.array_equal(chosen[:, groups[4][0]], chosen[:, groups[5][0]])
+
+
+def test_ids_past_the_tokenizer_rows_of_a_bigger_model_are_never_chosen_nor_drawn(
+    tokenizer,
+) -> None:
+    masker = Masker(MaskingConfig(rate=0.9), tokenizer)
+    rows = np.full((200, 64), tokenizer.vocab_size + 5)  # a row the model has, no token
+    rows[:, ::2] = 100
+    masked, targets = masker(rows, np.random.default_rng(0))
+    assert not (targets[:, 1::2] != IGNORE).any()
+    assert (targets[:, ::2] != IGNORE).mean() > 0.85
+    assert (
+        masked.max() <= tokenizer.vocab_size + 5 and masker.random_ids.max() < tokenizer.vocab_size
+    )
+
+
+def test_the_reader_gives_masked_batches_and_a_rewind_gives_the_same_masks(
+    tmp_path, tokenizer
+) -> None:
+    from launcher.data.loader import StreamLoader
+    from launcher.data.sources import resolve_corpus
+
+    cfg = load_config(
+        PretrainConfig,
+        TINY_MLM,
+        [f"data.builtin.dir={tmp_path / 'corpus'}", "data.num_workers=0"],
+    )
+    write_builtin_corpus(cfg.data.builtin)
+    corpus = resolve_corpus(cfg.data)
+    masker = Masker(cfg.mlm, tokenizer)
+    loader = StreamLoader(cfg.data, tokenizer, corpus, batch_size=4, seed=0, masker=masker)
+    stream = iter(loader)
+    first = next(stream)
+    assert set(first) == {"input_ids", "mlm_targets", "segment_ids", "position_ids"}
+    mark = loader.position()
+    later = [next(stream) for _ in range(3)]
+    chosen = torch.cat([b["mlm_targets"] for b in later]) != IGNORE
+    originals = torch.where(chosen, torch.cat([b["mlm_targets"] for b in later]), 0)
+    assert 0.10 < chosen.float().mean() < 0.20  # 1536 tokens, specials included
+    assert not torch.isin(originals[chosen], torch.tensor([0, 1, 2, 3, 4])).any()
+    loader.rewind(mark)
+    again = [next(iter(loader)) for _ in range(1)]
+    assert torch.equal(again[0]["input_ids"], later[0]["input_ids"])
+    assert torch.equal(again[0]["mlm_targets"], later[0]["mlm_targets"])
 
 
 def test_the_memory_planner_refuses_a_bert_preset(capsys) -> None:
@@ -260,3 +371,16 @@ def test_the_resolved_config_a_run_saves_loads_again(tmp_path) -> None:
     cfg = load_config(PretrainConfig, TINY_MLM, [f"run.output_dir={tmp_path}"])
     again = load_config(PretrainConfig, save_config(cfg, tmp_path))
     assert again == cfg and again.model.arch == "bert" and again.objective == "mlm"
+
+
+def test_classification_refuses_a_max_length_past_an_encoders_positions(tmp_path) -> None:
+    from finetune.classify_config import ClassifyConfig
+
+    cfg = load_config(ModelConfig, CONFIG_ROOT / "model" / "tiny-bert.yaml")
+    build_model(cfg.model_copy(update={"max_seq_len": 64}), seed=0).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"data.max_length: 128 is over the model's max_pos"):
+        load_config(
+            ClassifyConfig,
+            CONFIG_ROOT / "finetune" / "classify-tiny.yaml",
+            [f"init.path={tmp_path}", "data.max_length=128"],
+        )
