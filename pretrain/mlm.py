@@ -66,14 +66,11 @@ class MaskedLMTask(PretrainTask):
         """Masked-token loss and accuracy over the validation set (or ``eval.max_batches``
         of it), and the most-frequent-token accuracy on the same positions."""
         rt = self.runtime
-        batches = self.validation.batches(rt.rank, rt.world_size, self.cfg.train.micro_batch_size)
-        if self.cfg.eval.max_batches is not None:
-            batches = batches[: self.cfg.eval.max_batches]
         module = getattr(model, "module", model)
         vocab = module.get_input_embeddings().num_embeddings
         totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, masked, right
         counts = torch.zeros(vocab, dtype=torch.float64, device=rt.device)
-        for batch in batches:
+        for batch in self.eval_batches():
             batch = {k: v.to(rt.device) for k, v in batch.items()}
             logits = forward_logits(model, batch, causal=False).float().flatten(0, 1)
             targets = batch["targets"].flatten()

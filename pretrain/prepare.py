@@ -149,12 +149,8 @@ def prepare_inputs(cfg: PretrainConfig) -> tuple[CorpusInfo | None, TextTokenize
     return corpus_info, tokenizer
 
 
-def prepare(cfg: PretrainConfig) -> Prepared:
-    """Run the stage; print what was made and where. Raises on unusable data or tokenizer."""
-    start = time.perf_counter()
-    run_dir = cfg.run_dir
-    corpus, tokenizer = prepare_inputs(cfg)
-
+def save_initial_model(cfg: PretrainConfig, tokenizer: TextTokenizer, out: Path) -> Path:
+    """The run's model at its seeded init, with the tokenizer, as a plain HF directory."""
     model = build_model(
         cfg.model,
         seed=cfg.run.seed,
@@ -162,9 +158,18 @@ def prepare(cfg: PretrainConfig) -> Prepared:
         eos_token_id=tokenizer.eos_id,
         pad_token_id=tokenizer.pad_id,
     )
-    model_dir = run_dir / "model-init"
-    model.save_pretrained(model_dir)
-    tokenizer.save(model_dir, model_max_length=cfg.model.max_seq_len)
+    model.save_pretrained(out)
+    tokenizer.save(out, model_max_length=cfg.model.max_seq_len)
+    return out
+
+
+def prepare(cfg: PretrainConfig) -> Prepared:
+    """Run the stage; print what was made and where. Raises on unusable data or tokenizer."""
+    start = time.perf_counter()
+    run_dir = cfg.run_dir
+    corpus, tokenizer = prepare_inputs(cfg)
+
+    model_dir = save_initial_model(cfg, tokenizer, run_dir / "model-init")
     print(f"[kiln] model           {model_dir}/ (initial weights + tokenizer, HF format)")
     print(f"[kiln]                 {describe(cfg.model, cfg.data.seq_len)}")
     print(f"[kiln] prepared in {time.perf_counter() - start:.1f}s")

@@ -100,12 +100,16 @@ class PretrainTask(Task):
         for name, value in self.loader.stats().items():
             record(name, value, reduce="mean" if name.startswith("data/mix/") else "sum")
 
+    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's validation batches (every rank as many), at most ``eval.max_batches``."""
+        rt = self.runtime
+        batches = self.validation.batches(rt.rank, rt.world_size, self.cfg.train.micro_batch_size)
+        return batches[: self.cfg.eval.max_batches]
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation loss, perplexity and bits per byte over the whole validation set."""
         rt = self.runtime
-        batches = self.validation.batches(rt.rank, rt.world_size, self.cfg.train.micro_batch_size)
-        if self.cfg.eval.max_batches is not None:
-            batches = batches[: self.cfg.eval.max_batches]
+        batches = self.eval_batches()
         totals = torch.zeros(2, dtype=torch.float64, device=rt.device)
         full = self.cfg.eval.max_batches is None
         module = getattr(model, "module", model)  # an engine's model

@@ -21,6 +21,7 @@ from launcher.config import CONFIG_ROOT, load_config
 from launcher.data.tokenizer import TextTokenizer
 from pretrain.config import PretrainConfig
 from pretrain.model import build_model
+from pretrain.prepare import save_initial_model
 
 from ..launcher.runs import losses, metrics, run, world_sizes
 
@@ -210,16 +211,7 @@ def test_classification_from_the_mlm_encoder_beats_the_same_encoder_from_random_
 ) -> None:
     cfg = load_config(PretrainConfig, trained / "config.yaml")
     tokenizer = TextTokenizer.load(trained / "tokenizer")
-    random_init = root / "random-init"
-    model = build_model(
-        cfg.model,
-        seed=cfg.run.seed,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
-    )
-    model.save_pretrained(random_init)
-    tokenizer.save(random_init, model_max_length=cfg.model.max_seq_len)
+    random_init = save_initial_model(cfg, tokenizer, root / "random-init")
     files = genre_split(Path(cfg.data.builtin.dir), root)
     pretrained = classify(root, "genre-mlm", trained / "hf", files)
     scratch = classify(root, "genre-scratch", random_init, files)
