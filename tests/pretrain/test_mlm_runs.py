@@ -77,6 +77,7 @@ def trained(root) -> Path:
     started = time.monotonic()
     mlm(root, "learn", "train.max_steps=300", "eval.every=300")
     print(f"300 masked-LM steps on 2 ranks: {time.monotonic() - started:.0f} s")
+    assert world_sizes(root, "learn") == {2.0}
     return root / "learn"
 
 
