@@ -1,0 +1,112 @@
+"""The compress stage's table (``compress.md``, ``compress.json``: the same numbers) and its
+plot of quality against bytes on disk (``compress.png``), plus the size accounting of
+quantized layers read from safetensors headers."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+
+def tensor_bytes(folder: Path) -> dict[str, int]:
+    """Each stored tensor's bytes, by name, from the safetensors headers (no weights read)."""
+    out: dict[str, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                start, end = entry["data_offsets"]
+                out[name] = end - start
+    return out
+
+
+def quantized_share(original: Path, variant: Path) -> float:
+    """Bytes of the quantized layers' stored weights (torchao writes ``<layer>._weight_qdata``,
+    ``_weight_scale``, ``_weight_zero_point``) over the same layers' full-precision
+    ``<layer>.weight`` in the original."""
+    before, after = tensor_bytes(original), tensor_bytes(variant)
+    layers = {name.split("._weight_")[0] for name in after if "._weight_" in name}
+    if not layers:
+        raise ValueError(f"{variant}: no torchao-quantized weights in its safetensors")
+    quantized = sum(b for name, b in after.items() if name.split("._weight_")[0] in layers)
+    full = sum(before[f"{layer}.weight"] for layer in layers)
+    return quantized / full
+
+
+def markdown(table: dict) -> str:
+    head = table["header"]
+    rows = table["models"]
+    base = rows["original"]["bits_per_byte"]
+    lines = [
+        "# Compressed variants",
+        "",
+        f"Machine: {head['machine']} ({head['processor']}); Python {head['python']}, torch "
+        f"{head['torch']}, torchao {head['torchao']}, transformers {head['transformers']}.",
+        f"Latency: one forward of 1 x {head['seq_len']} tokens, {head['threads']} thread(s), "
+        f"after warm-ups; median and p10-p90. Quality: bits per byte on "
+        f"{head['validation_documents']} held-out documents (lower is better). Peak memory: "
+        "the measuring process's peak resident set while loading and running the model, "
+        "above its resident set after the imports.",
+        "",
+        "| model | parameters | MB on disk | latency ms (p10-p90, runs) | peak MiB | "
+        "bits per byte (vs original) | notes |",
+        "|---|---:|---:|---|---:|---|---|",
+    ]
+    for label, r in rows.items():
+        peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "n/a"
+        change = (r["bits_per_byte"] / base - 1) * 100
+        lines.append(
+            f"| {label} | {r['parameters']:,} | {r['bytes_on_disk'] / 1e6:.2f} | "
+            f"{r['latency_ms']:.2f} ({r['latency_p10_ms']:.2f}-{r['latency_p90_ms']:.2f}, "
+            f"{r['latency_runs']}) | {peak} | {r['bits_per_byte']:.4f} ({change:+.1f}%) | "
+            f"{r['note']} |"
+        )
+    lines += [
+        "",
+        "No speed-up should be expected of tiny models: their forward is dominated by "
+        "overheads, not by the matmuls that int8 or sparsity could speed up (unstructured "
+        "zeros are stored and multiplied like any other value).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(table: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, r in table["models"].items():
+        ax.scatter(r["bytes_on_disk"] / 1e6, r["bits_per_byte"])
+        ax.annotate(label, (r["bytes_on_disk"] / 1e6, r["bits_per_byte"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("MB on disk (weights)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("Quality against size")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(table: dict, run_dir: Path) -> list[Path]:
+    """``compress.json``, ``compress.md`` and ``compress.png`` in ``run_dir``, each replaced
+    whole (written beside, then renamed)."""
+    paths = [run_dir / "compress.json", run_dir / "compress.md", run_dir / "compress.png"]
+    _replace(paths[0], json.dumps(table, indent=2) + "\n")
+    _replace(paths[1], markdown(table))
+    tmp = run_dir / "compress.tmp.png"
+    plot(table, tmp)
+    os.replace(tmp, paths[2])
+    return paths
