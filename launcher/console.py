@@ -11,6 +11,8 @@ and only that one, so that their real warnings still show:
 - wandb's banner and summary: ``WANDB_SILENT`` offline (kiln prints where the run is),
   ``WANDB_QUIET`` online (keeps the run's URL and wandb's warnings).
 - transformers' "Writing model shards" bars: ``HF_HUB_DISABLE_PROGRESS_BARS``.
+- torchao's "Failed to load ..." for each GPU kernel library it cannot load (CPU machines)
+  and torch's deprecation note about an Enum torchao registers: a logging filter.
 - torch's elastic agent forwarding a stop signal ("Received SIGUSR1 death signal", "Sending
   process N closing signal"): a logging filter in launcher/agent.py.
 
@@ -34,6 +36,10 @@ QUIET_LOG_MESSAGES = {
         "Setting accelerator to CPU",  # the import-time guess, when DS_ACCELERATOR is unset
         "You are using ZeRO with an untested optimizer",
     ),
+    # torchao (imported by transformers and peft whenever it is installed) on a machine
+    # without its GPU kernels, and torch about an Enum torchao registers: once per process
+    "torchao": ("Failed to load",),
+    "torch.utils._pytree": ("%s is an Enum subclass",),
 }
 """Logger name -> messages (prefixes after leading '*' and spaces) dropped unless verbose."""
 

@@ -86,7 +86,7 @@ def _run(cfg, runtime: Runtime, make_task, prepare, callbacks, parent) -> dict[s
             with STOP.interruptible(), plain_model_construction():
 
                 def write(tmp: Path) -> None:
-                    task.export(model, state, tmp)
+                    task.export(model, share_tied_weights(model, state), tmp)
                     write_lineage(tmp, trainer, parent, best)
 
                 export_atomically(out, write)
@@ -117,6 +117,23 @@ def plain_model_construction() -> Iterator[None]:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def share_tied_weights(model, state: dict | None) -> dict | None:
+    """``state`` with each tied alias (a tied Llama's ``lm_head.weight``) given its source's
+    tensor, so that ``save_pretrained`` stores it once, as for the model's own state dict: a
+    gathered state dict (ZeRO, accelerate) holds two equal copies, and transformers drops
+    only aliases that share storage (the export was 20% larger for the tiny preset)."""
+    import torch
+
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if state is None or not tied:
+        return state
+    state = dict(state)
+    for alias, source in tied.items():
+        if alias in state and source in state and torch.equal(state[alias], state[source]):
+            state[alias] = state[source]
+    return state
 
 
 def export_atomically(out: Path, write: Callable[[Path], object]) -> None:

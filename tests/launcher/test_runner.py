@@ -20,7 +20,7 @@ from launcher.checkpoint import sha256_file
 from launcher.config import CONFIG_ROOT
 from launcher.errors import UserError
 from launcher.run_config import BestSection, RunConfig
-from launcher.runner import run_stage
+from launcher.runner import run_stage, share_tied_weights
 
 from .test_item_loss import Toy, config
 
@@ -164,3 +164,19 @@ def test_init_path_is_checked_before_anything_starts_and_sizes_the_model(tmp_pat
     save_file({"w": torch.zeros(2)}, str(parent / "model.safetensors"))
     cfg = load_config(RunConfig, yaml, [f"init.path={parent}"])
     assert cfg.model_width() == 96  # ZeRO-3's buffers are sized from the parent's width
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_an_export_from_a_gathered_state_dict_stores_a_tied_head_once(tmp_path, tie) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=tie)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # as ZeRO-3 gathers them
+    model.save_pretrained(tmp_path, state_dict=share_tied_weights(model, gathered))
+    stored = load_file(tmp_path / "model.safetensors")
+    assert ("lm_head.weight" in stored) is not tie
+    back = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value), name
