@@ -29,6 +29,7 @@ from launcher.rundir import PREEMPTED
 from launcher.runtime import Runtime
 from launcher.signals import STOP, Interrupted
 from launcher.sinks import JsonlSink, ProgressBar, WandbSink
+from launcher.sparsity import keep_zeros
 from launcher.state import TrainState
 from launcher.states import (
     LOOP_STATES,
@@ -102,6 +103,10 @@ class Trainer:
         model = self.task.build_model()
         if cfg.train.activation_checkpointing:
             self.task.enable_activation_checkpointing(model)
+        if cfg.init.keep_zeros:  # a pruned model's recovery: its zeros stay (launcher.sparsity)
+            kept = keep_zeros(model)
+            zeros = sum(kept.values())
+            log.info("init.keep_zeros: %d zero weights in %d matrices stay 0", zeros, len(kept))
         base = None
         if cfg.dist.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -166,9 +166,14 @@ class InitSection(Section):
     """An HF model directory the stage starts from (e.g. a pretraining run's runs/NAME/hf/):
     checked before any process starts; its config.json gives the model width, its kiln.json
     and weights' digests go into the new model's lineage."""
+    keep_zeros: bool = False
+    """Weights that are exactly 0 in the starting model stay 0 (their gradients are masked):
+    the recovery training of a pruned export (`kiln compress`, variant ``unstructured``)."""
 
     def problems(self) -> Iterable[tuple[str, str]]:
         if self.path is None:
+            if self.keep_zeros:
+                yield "keep_zeros", "keeps the zeros of a starting model: set init.path too"
             return
         folder = Path(self.path)
         if not folder.is_dir():
@@ -220,6 +225,12 @@ class RunConfig(Section):
                 f"({self.train.micro_batch_size}) x world size ({self.dist.world_size}) = "
                 f"{per_step}; use a multiple of {per_step} (e.g. {fix}) or change "
                 "train.micro_batch_size",
+            )
+        if self.init.keep_zeros and self.dist.zero_stage == 3:
+            yield (
+                "init.keep_zeros",
+                "gradient masks are not tested under ZeRO-3 (it partitions the weights before "
+                "they are masked); use dist.zero_stage 0, 1 or 2 for the recovery",
             )
         if self.dist.offload_params and self.dist.zero_stage != 3:
             yield "dist.offload_params", "parameter offload needs dist.zero_stage: 3"
