@@ -35,7 +35,6 @@ from finetune.compress_variants import (
     prune_ffn,
     prune_unstructured,
     quantization_config,
-    quiet_torchao,
     zero_share,
 )
 from launcher.config import save_config
@@ -143,8 +142,7 @@ class Compressor:
         """Write one variant; returns what the table says about how it was made."""
         cfg = self.cfg
         if kind in ("int8-weight", "int8-dynamic"):
-            with quiet_torchao():
-                model = load(self.original, quantization_config=quantization_config(kind))
+            model = load(self.original, quantization_config=quantization_config(kind))
             write_variant(out, model, self.original, {"variant": kind})
             share = quantized_share(self.original, out)
             return {

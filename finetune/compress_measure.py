@@ -84,13 +84,11 @@ def measure(folder: Path, inputs: Path, threads: int, warmup: int, runs: int) ->
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from finetune.compress_variants import quiet_torchao
-
     hf_logging.disable_progress_bar()
     data = torch.load(inputs)
     torch.set_num_threads(threads)
-    with quiet_torchao():
-        import torchao  # noqa: F401  (registers the int8 tensor types the loader needs)
+    import torchao  # noqa: F401  (registers the int8 tensor types the loader needs)
+
     before = _rss_kib("VmRSS")
     reset = _reset_peak()
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -111,6 +109,9 @@ def measure(folder: Path, inputs: Path, threads: int, warmup: int, runs: int) ->
 
 
 def main(argv: list[str]) -> int:
+    from launcher import console
+
+    console.setup()  # the same library-noise filters as every kiln process (torchao's too)
     folder, inputs, threads, warmup, runs = argv
     result = measure(Path(folder), Path(inputs), int(threads), int(warmup), int(runs))
     print(json.dumps(result))

@@ -5,10 +5,6 @@ the same class. Each returns a model that ``save_pretrained`` writes as a plain 
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -20,33 +16,14 @@ class CompressError(UserError):
     """A model that this compression cannot apply to (named in the message)."""
 
 
-@contextlib.contextmanager
-def quiet_torchao() -> Iterator[None]:
-    """torchao's import logs a warning for each GPU kernel library it cannot load on a CPU
-    machine, and torch warns about an Enum it registers: noise for every CPU user."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def quantization_config(kind: str):
     """transformers' ``TorchAoConfig`` for ``int8-weight`` or ``int8-dynamic``. Only the
     Linear layers of the blocks are quantized: embeddings, norms and the output head (often
     the input embedding, tied) stay in full precision (``include_input_output_embeddings``
     stays False)."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
-    with quiet_torchao():
-        from torchao.quantization import (
-            Int8DynamicActivationInt8WeightConfig,
-            Int8WeightOnlyConfig,
-        )
     quant = {
         "int8-weight": Int8WeightOnlyConfig,
         "int8-dynamic": Int8DynamicActivationInt8WeightConfig,
