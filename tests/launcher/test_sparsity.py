@@ -43,6 +43,7 @@ def train(root: Path, name: str, zero_stage: int, keep: bool, world: int = 1) ->
     cfg = RunConfig.model_validate(cfg)
     runtime = build_runtime(cfg)
     try:
+        assert runtime.world_size == world  # gloo: not a silent world of 1
         trainer = Trainer(cfg, runtime, Pruned(cfg, runtime), default_callbacks(cfg))
         trainer.setup()
         trainer.fit()
