@@ -22,10 +22,12 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
-from finetune.compress_config import CompressConfig
+from finetune.compress_config import CompressConfig, model_kind
 from finetune.compress_report import quantized_share, tensor_bytes, write_report
 from finetune.compress_variants import (
     CompressError,
@@ -38,6 +40,7 @@ from finetune.compress_variants import (
     zero_share,
 )
 from launcher.config import save_config
+from launcher.data.batches import evaluation_batches
 from launcher.data.documents import CorpusError, scan
 from launcher.data.sources import is_held_out, resolve_corpus
 from launcher.data.tokenizer import TextTokenizer
@@ -50,22 +53,31 @@ from pretrain.data.builtin import write_builtin_corpus
 SHARED_FILES = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "chat_template*")
 
 
-def check_causal_lm(folder: Path) -> None:
-    """Bits per byte and the Llama-style pruning need a causal LM; say what was found."""
-    config = json.loads((folder / "config.json").read_text())
-    names = config.get("architectures") or []
-    if not any(n.endswith("ForCausalLM") for n in names):
+def check_model(folder: Path) -> str:
+    """``causal`` or ``classifier`` (what the table can score: bits per byte, macro-F1); say
+    what was found otherwise."""
+    kind = model_kind(folder)
+    if kind is None:
+        config = json.loads((folder / "config.json").read_text())
+        names = config.get("architectures") or []
         found = ", ".join(names) or f"model_type {config.get('model_type')!r}"
         raise CompressError(
-            f"{folder}/config.json: the compress stage measures causal LMs (bits per byte), and "
-            f"this is {found}; classifier and encoder variants are not built yet"
+            f"{folder}/config.json: the compress stage measures causal LMs (bits per byte) and "
+            f"sequence classifiers (macro-F1), and this is {found}; encoder variants are not "
+            "built yet"
         )
+    return kind
 
 
-def load(folder: Path, **kwargs):
-    from transformers import AutoModelForCausalLM
+def auto_class(kind: str):
+    """The plain transformers loader of a ``model_kind``: what a user's tools call."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    return AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+
+
+def load(folder: Path, kind: str = "causal", **kwargs):
+    return auto_class(kind).from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
 
 
 def training_texts(corpus, fraction: float, limit: int) -> list[str]:
@@ -106,15 +118,44 @@ def write_variant(out: Path, model, original: Path, info: dict) -> None:
 
 
 class Compressor:
+    """The original, the held-out data every model is scored on, and how each variant is
+    made. A causal LM is scored by validation bits per byte on ``data``; a classifier by
+    macro-F1 on the test split of ``classification``."""
+
     def __init__(self, cfg: CompressConfig):
         self.cfg = cfg
         self.original = Path(cfg.init.path)
+        self.kind = check_model(self.original)
         self.tokenizer = TextTokenizer.load(self.original)
+        if self.kind == "classifier":
+            self.split, self.examples = labelled_examples(cfg, self.original, self.tokenizer)
+            return
         if cfg.data.builtin is not None:
             write_builtin_corpus(cfg.data.builtin)
         self.corpus = resolve_corpus(cfg.data)
         self.validation = build_validation(cfg.data, self.corpus, self.tokenizer)
-        self.batches = self.validation.batches(0, 1, cfg.train.micro_batch_size)
+
+    def inputs(self) -> dict:
+        """What each measuring process reads: the scored batches and the latency row."""
+        micro = self.cfg.train.micro_batch_size
+        if self.kind == "classifier":
+            batches = evaluation_batches(
+                self.examples, rank=0, world_size=1, batch_size=micro, pad_id=self.tokenizer.pad_id
+            )
+            tokens = np.concatenate([e.tokens for e in self.examples])
+            return {"kind": self.kind, "batches": batches, "latency_ids": self.latency_ids(tokens)}
+        return {
+            "kind": self.kind,
+            "batches": self.validation.batches(0, 1, micro),
+            "text_bytes": self.validation.text_bytes,
+            "latency_ids": self.latency_ids(self.validation.input_ids.reshape(-1)),
+        }
+
+    def scored(self) -> str:
+        if self.kind == "classifier":
+            return f"{len(self.examples)} {self.split} examples (macro-F1)"
+        val = self.validation
+        return f"{val.documents} documents, {val.text_bytes / 1e3:.0f} kB (bits per byte)"
 
     def calibration(self) -> list[dict[str, torch.Tensor]]:
         data = self.cfg.data
@@ -142,7 +183,7 @@ class Compressor:
         """Write one variant; returns what the table says about how it was made."""
         cfg = self.cfg
         if kind in ("int8-weight", "int8-dynamic"):
-            model = load(self.original, quantization_config=quantization_config(kind))
+            model = load(self.original, self.kind, quantization_config=quantization_config(kind))
             write_variant(out, model, self.original, {"variant": kind})
             share = quantized_share(self.original, out)
             return {
@@ -182,14 +223,46 @@ class Compressor:
         result["bytes_on_disk"] = sum(f.stat().st_size for f in weights)
         return result
 
-    def latency_ids(self) -> torch.Tensor:
+    def latency_ids(self, tokens: np.ndarray) -> torch.Tensor:
+        """The one row of ``bench.seq_len`` held-out tokens every latency run forwards (a
+        classifier's short test texts are repeated to fill it)."""
         n = self.cfg.bench.seq_len
-        ids = torch.from_numpy(self.validation.input_ids.reshape(-1)[:n].copy())
+        if self.kind == "classifier" and 0 < len(tokens) < n:
+            tokens = np.tile(tokens, -(-n // len(tokens)))
+        ids = torch.from_numpy(np.asarray(tokens[:n], dtype=np.int64).copy())
         if len(ids) < n:
             raise CorpusError(
                 f"bench.seq_len {n}: the validation split holds only {len(ids)} tokens"
             )
         return ids[None]
+
+
+def labelled_examples(cfg: CompressConfig, folder: Path, tokenizer: TextTokenizer):
+    """(split, examples) a classifier is scored on: ``classification``'s test split, or its
+    validation split when no test example is held out. The labels read must be the model's
+    own (``id2label``, in order), else its predictions would be scored against other labels."""
+    from finetune.classify_data import read_sets
+
+    reader = SimpleNamespace(
+        data=cfg.classification, classify=SimpleNamespace(class_weights="none")
+    )
+    sets = read_sets(reader, tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    id2label = config.get("id2label") or {}
+    own = [id2label.get(str(i)) for i in range(len(id2label))]
+    if own != sets.labels:
+        raise CompressError(
+            f"{folder}/config.json: the model's labels ({', '.join(map(str, own))}) are not the "
+            f"labels of classification's data ({', '.join(sets.labels)}); give the data the "
+            "classifier was trained on"
+        )
+    for split in ("test", "validation"):
+        if sets.splits[split]:
+            return split, sets.splits[split]
+    raise CorpusError(
+        "classification: no test or validation example to score (set test_fraction or "
+        "validation_fraction above 0, or give test files)"
+    )
 
 
 def cpu_name() -> str:
@@ -233,16 +306,14 @@ def header() -> dict:
 def compress(cfg: CompressConfig) -> dict:
     """Write the variants, measure every model, write the table; returns the table's data."""
     run_dir = cfg.run_dir
-    check_causal_lm(Path(cfg.init.path))
+    check_model(Path(cfg.init.path))
     print(f"[kiln] resolved config {save_config(cfg, run_dir)}")
     job = Compressor(cfg)
-    val = job.validation
-    print(f"[kiln] validation      {val.documents} documents, {val.text_bytes / 1e3:.0f} kB")
+    print(f"[kiln] scored on       {job.scored()}")
     rows: dict[str, dict] = {}
+    metric = "macro_f1" if job.kind == "classifier" else "bits_per_byte"
     inputs = run_dir / "measure-inputs.pt"
-    batches = job.batches
-    torch.save({"batches": batches, "text_bytes": job.validation.text_bytes,
-                "latency_ids": job.latency_ids()}, inputs)  # fmt: skip
+    torch.save(job.inputs(), inputs)
     try:
         models = {"original": (job.original, {"note": original_note(job.original)})}
         models |= {label: (Path(p), {"note": "compared"}) for label, p in cfg.compare.items()}
@@ -257,12 +328,13 @@ def compress(cfg: CompressConfig) -> dict:
         for label, (folder, made) in models.items():
             rows[label] = {"path": str(folder), **made, **job.measure(folder, inputs)}
             row = rows[label]
-            bpb, ms = row["bits_per_byte"], row["latency_ms"]
-            print(f"[kiln] measured        {label}: {bpb:.4f} bits per byte, {ms:.2f} ms")
+            quality = f"{row[metric]:.4f} {metric.replace('_', ' ')}"
+            print(f"[kiln] measured        {label}: {quality}, {row['latency_ms']:.2f} ms")
     finally:
         inputs.unlink(missing_ok=True)
     bench = {"threads": cfg.bench.threads, "seq_len": cfg.bench.seq_len}
-    table = {"header": {**header(), **bench, "validation_documents": val.documents}, "models": rows}
+    scored = {"metric": metric, "scored_on": job.scored()}
+    table = {"header": {**header(), **bench, **scored}, "models": rows}
     for path in write_report(table, run_dir):
         print(f"[kiln] table           {path}")
     return table
@@ -272,5 +344,5 @@ STAGE = Stage(
     name="compress",
     config_class=CompressConfig,
     run=compress,
-    help="int8 (torchao) and pruned variants of a causal LM, and their size/speed/quality table",
+    help="int8 (torchao) and pruned variants of a model, and their size/speed/quality table",
 )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from finetune.classify_config import ClassifyData
 from launcher.config import Section
 from launcher.run_config import RunConfig
 from pretrain.data.config import PretrainDataConfig
@@ -18,6 +20,27 @@ quantized int8 activations; ``unstructured``: magnitude pruning of the Linear we
 (``prune``); ``ffn``: structured pruning of MLP channels (``ffn``), a smaller model."""
 
 Variant = Literal["int8-weight", "int8-dynamic", "unstructured", "ffn"]
+
+CLASSIFIER_VARIANTS = ("int8-weight", "int8-dynamic")
+"""What a classifier (``*ForSequenceClassification``) gets: the pruning variants read the
+causal LM's own data (channel activations, bits per byte) and are built for causal LMs."""
+
+
+KIND_NAMES = {"causal": "causal LM", "classifier": "sequence classifier"}
+
+
+def model_kind(folder: Path) -> str | None:
+    """``causal`` or ``classifier`` from ``folder/config.json``'s architectures; None for
+    anything else (or no readable config: ``init.path``'s own check names that)."""
+    try:
+        names = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    if any(str(n).endswith("ForCausalLM") for n in names):
+        return "causal"
+    if any(str(n).endswith("ForSequenceClassification") for n in names):
+        return "classifier"
+    return None
 
 
 class PruneSection(Section):
@@ -58,9 +81,11 @@ class BenchSection(Section):
 
 class CompressConfig(RunConfig):
     """``init.path`` is the model to compress (an HF directory such as ``runs/NAME/hf/``);
-    ``data`` is where its validation split comes from (give the data section of the run
-    that trained it: the same files and ``validation.fraction`` give the same held-out
-    documents, and bits per byte compare with that run's)."""
+    ``data`` is where a causal LM's validation split comes from (give the data section of
+    the run that trained it: the same files and ``validation.fraction`` give the same
+    held-out documents, and bits per byte compare with that run's); ``classification`` is a
+    classifier's labelled data (the classify run's ``data`` section: the same files, fractions
+    and ``split_seed`` give the same test split, scored by macro-F1)."""
 
     variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS))
     """The variants to write under ``runs/<name>/variants/<kind>/`` and measure."""
@@ -71,11 +96,29 @@ class CompressConfig(RunConfig):
     ffn: FfnSection = FfnSection()
     bench: BenchSection = BenchSection()
     data: PretrainDataConfig = PretrainDataConfig(builtin={})
+    classification: ClassifyData | None = None
+    """A classifier's labelled data (``{text, label}`` records); its ``test`` split (or
+    ``validation`` when no test example is held out) is scored."""
 
     def problems(self) -> Iterable[tuple[str, str]]:
         yield from super().problems()
         if self.init.path is None:
             yield "init.path", "the model to compress is required (an HF directory)"
+        elif model_kind(Path(self.init.path)) == "classifier":
+            config = Path(self.init.path) / "config.json"
+            if self.classification is None:
+                yield (
+                    "classification",
+                    f"{config} is a classifier: give its labelled data (the classify run's "
+                    "data section) so that its test split can be scored",
+                )
+            for kind in self.variants:
+                if kind not in CLASSIFIER_VARIANTS:
+                    yield (
+                        "variants",
+                        f"{kind} is built for causal LMs; {config} is a classifier, which gets "
+                        f"{', '.join(CLASSIFIER_VARIANTS)}",
+                    )
         if len(set(self.variants)) != len(self.variants):
             yield "variants", "lists a variant twice"
         for label, path in self.compare.items():
@@ -84,3 +127,15 @@ class CompressConfig(RunConfig):
                 yield f"compare.{label}", f"{folder}: no config.json, so not an HF model directory"
             elif label == "original" or label in VARIANTS:
                 yield f"compare.{label}", "this label names a row of the table already"
+            elif self.init.path is not None and model_kind(folder) != model_kind(
+                Path(self.init.path)
+            ):
+                theirs, ours = (
+                    KIND_NAMES.get(model_kind(f), "model of another kind")
+                    for f in (folder, Path(self.init.path))
+                )
+                yield (
+                    f"compare.{label}",
+                    f"{folder} is a {theirs} and init.path a {ours}: one table scores one kind "
+                    "(bits per byte or macro-F1)",
+                )

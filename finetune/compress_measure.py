@@ -5,8 +5,10 @@ Why a process per model: the load is then what a user's fresh ``from_pretrained`
 int8 and pruned exports must load with plain transformers, torchao installed), and the peak
 memory is that model's alone (the process's peak resident set is reset after the imports).
 
-``INPUTS.pt`` holds the validation batches (packed rows with their targets), the UTF-8 bytes
-of the validation text, and the one row the latency runs forward.
+``INPUTS.pt`` holds the model's kind (``causal`` or ``classifier``), the scored batches (a
+causal LM's packed validation rows with their targets and the UTF-8 bytes of their text; a
+classifier's padded test examples with their labels) and the one row the latency runs
+forward.
 """
 
 from __future__ import annotations
@@ -69,6 +71,22 @@ def bits_per_byte(model, batches: list[dict[str, torch.Tensor]], text_bytes: int
 
 
 @torch.inference_mode()
+def classifier_scores(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Accuracy and macro-F1 of the argmax predictions over the batches' real examples."""
+    from finetune.classify_metrics import confusion, scores
+
+    true, pred = [], []
+    for batch in batches:
+        real = batch["example_mask"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        true.append(batch["label"][real])
+        pred.append(logits[real].argmax(-1))
+    matrix = confusion(torch.cat(true).numpy(), torch.cat(pred).numpy(), model.config.num_labels)
+    s = scores(matrix)
+    return {"macro_f1": s["macro_f1"], "accuracy": s["accuracy"]}
+
+
+@torch.inference_mode()
 def latency_ms(model, ids: torch.Tensor, warmup: int, runs: int) -> list[float]:
     for _ in range(warmup):
         model(input_ids=ids, use_cache=False)
@@ -81,7 +99,7 @@ def latency_ms(model, ids: torch.Tensor, warmup: int, runs: int) -> list[float]:
 
 
 def measure(folder: Path, inputs: Path, threads: int, warmup: int, runs: int) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -91,15 +109,20 @@ def measure(folder: Path, inputs: Path, threads: int, warmup: int, runs: int) ->
 
     before = _rss_kib("VmRSS")
     reset = _reset_peak()
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    classifier = data["kind"] == "classifier"
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = auto.from_pretrained(folder)
     model.eval()
     times = latency_ms(model, data["latency_ids"], warmup, runs)
-    bpb = bits_per_byte(model, data["batches"], data["text_bytes"])
+    if classifier:
+        quality = classifier_scores(model, data["batches"])
+    else:
+        quality = {"bits_per_byte": bits_per_byte(model, data["batches"], data["text_bytes"])}
     peak = _rss_kib("VmHWM")
     return {
         "class": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "bits_per_byte": bpb,
+        **quality,
         "latency_ms": statistics.median(times),
         "latency_p10_ms": percentile(times, 0.1),
         "latency_p90_ms": percentile(times, 0.9),

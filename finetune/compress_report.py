@@ -37,33 +37,47 @@ def quantized_share(original: Path, variant: Path) -> float:
     return quantized / full
 
 
+METRICS = {
+    "bits_per_byte": ("bits per byte", "lower is better"),
+    "macro_f1": ("macro-F1", "higher is better"),
+}
+"""The quality column: a causal LM's validation bits per byte, a classifier's macro-F1."""
+
+
+def change(value: float, base: float, metric: str) -> str:
+    """Against the original: relative for bits per byte, absolute for macro-F1 (a score)."""
+    if metric == "macro_f1":
+        return f"{value - base:+.3f}"
+    return f"{(value / base - 1) * 100:+.1f}%"
+
+
 def markdown(table: dict) -> str:
     head = table["header"]
     rows = table["models"]
-    base = rows["original"]["bits_per_byte"]
+    metric = head["metric"]
+    name, better = METRICS[metric]
+    base = rows["original"][metric]
     lines = [
         "# Compressed variants",
         "",
         f"Machine: {head['machine']} ({head['processor']}); Python {head['python']}, torch "
         f"{head['torch']}, torchao {head['torchao']}, transformers {head['transformers']}.",
         f"Latency: one forward of 1 x {head['seq_len']} tokens, {head['threads']} thread(s), "
-        f"after warm-ups; median and p10-p90. Quality: bits per byte on "
-        f"{head['validation_documents']} held-out documents (lower is better). Peak memory: "
-        "the measuring process's peak resident set while loading and running the model, "
-        "above its resident set after the imports.",
+        f"after warm-ups; median and p10-p90. Quality: {name} on {head['scored_on']} "
+        f"({better}). Peak memory: the measuring process's peak resident set while loading "
+        "and running the model, above its resident set after the imports.",
         "",
         "| model | parameters | MB on disk | latency ms (p10-p90, runs) | peak MiB | "
-        "bits per byte (vs original) | notes |",
+        f"{name} (vs original) | notes |",
         "|---|---:|---:|---|---:|---|---|",
     ]
     for label, r in rows.items():
         peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "n/a"
-        change = (r["bits_per_byte"] / base - 1) * 100
         lines.append(
             f"| {label} | {r['parameters']:,} | {r['bytes_on_disk'] / 1e6:.2f} | "
             f"{r['latency_ms']:.2f} ({r['latency_p10_ms']:.2f}-{r['latency_p90_ms']:.2f}, "
-            f"{r['latency_runs']}) | {peak} | {r['bits_per_byte']:.4f} ({change:+.1f}%) | "
-            f"{r['note']} |"
+            f"{r['latency_runs']}) | {peak} | {r[metric]:.4f} ({change(r[metric], base, metric)}) "
+            f"| {r['note']} |"
         )
     lines += [
         "",
@@ -81,13 +95,14 @@ def plot(table: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = table["header"]["metric"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, r in table["models"].items():
-        ax.scatter(r["bytes_on_disk"] / 1e6, r["bits_per_byte"])
-        ax.annotate(label, (r["bytes_on_disk"] / 1e6, r["bits_per_byte"]), fontsize=8,
+        ax.scatter(r["bytes_on_disk"] / 1e6, r[metric])
+        ax.annotate(label, (r["bytes_on_disk"] / 1e6, r[metric]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("MB on disk (weights)")
-    ax.set_ylabel("validation bits per byte")
+    ax.set_ylabel(f"{METRICS[metric][0]} ({METRICS[metric][1]})")
     ax.set_title("Quality against size")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

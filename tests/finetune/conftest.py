@@ -3,12 +3,16 @@ session by the real pretraining stage (1 process) and exported as a plain HF dir
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from launcher.config import CONFIG_ROOT
 from tests.launcher.runs import run
 
 from .sft_fixtures import run_sft, write_format_task
@@ -67,3 +71,34 @@ def sft_format(tmp_path_factory, pretrained) -> FormatRun:
             "checkpoint.every=null", "eval.every=null", "eval.at_start=true",
             "generation.exact_match=50", "generation.max_new_tokens=32")  # fmt: skip
     return FormatRun(train, validation, root / "format" / "hf", time.time() - started)
+
+
+@dataclass(frozen=True)
+class GenreRun:
+    """`kiln classify configs/finetune/classify-tiny.yaml` on ``pretrained`` (the genre of the
+    parent's own corpus): the run directory (``hf/``, ``report.json``), the corpus and the
+    wall time."""
+
+    run_dir: Path
+    corpus: Path
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def genre_classifier(tmp_path_factory, pretrained) -> GenreRun:
+    """The classification link of the chain, run once: its own test asserts the recipe's
+    quality; the compress stage's classifier test quantizes it."""
+    root = tmp_path_factory.mktemp("genre")
+    corpus = pretrained.parent.parent / "corpus"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher", "classify",
+         str(CONFIG_ROOT / "finetune" / "classify-tiny.yaml"), f"run.output_dir={root}",
+         f"init.path={pretrained}", f"data.train.0.paths=[{corpus}/shard-*.jsonl.gz]",
+         "metrics.wandb=false", "metrics.progress_bar=false"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    seconds = time.time() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return GenreRun(root / "classify-tiny", corpus, seconds)

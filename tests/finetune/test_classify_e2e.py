@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,23 +77,9 @@ def test_early_stopping_on_two_zero3_ranks_finishes_and_exports_the_best_epoch(
 
 
 @pytest.mark.slow
-def test_genre_classification_on_the_pretrained_parent(tmp_path, pretrained):
-    corpus = pretrained.parent.parent / "corpus"
-    recipe = CONFIG_ROOT / "finetune" / "classify-tiny.yaml"
-    started = time.time()
-    done = kiln(
-        "classify",
-        str(recipe),
-        f"run.output_dir={tmp_path}",
-        f"init.path={pretrained}",
-        f"data.train.0.paths=[{corpus}/shard-*.jsonl.gz]",
-        "metrics.wandb=false",
-        "metrics.progress_bar=false",
-        cwd=tmp_path,
-    )
-    seconds = time.time() - started
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_dir = tmp_path / "classify-tiny"
+def test_genre_classification_on_the_pretrained_parent(tmp_path, genre_classifier):
+    corpus, run_dir = genre_classifier.corpus, genre_classifier.run_dir
+    seconds = genre_classifier.seconds
     report = json.loads((run_dir / "report.json").read_text())
     print(f"genre run: {seconds:.0f} s; test {report['test']['macro_f1']:.4f}, untrained "
           f"{report['untrained_test']['macro_f1']:.4f}")  # fmt: skip

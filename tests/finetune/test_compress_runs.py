@@ -128,3 +128,35 @@ def test_50_recovery_steps_keep_the_zeros_and_stay_near_the_original(compressed,
     print(f"recovered: {last['eval/bits_per_byte']:.4f} bits per byte, original {original:.4f}")
     # at most 5% worse (this 40-step parent is weak: 50 more steps on the data improve on it)
     assert last["eval/bits_per_byte"] <= 1.05 * original
+
+
+def test_int8_classifiers_load_as_classifiers_and_keep_macro_f1(tmp_path, genre_classifier):
+    """`configs/compress/classify-tiny.yaml` on the session's genre classifier: both int8
+    variants load with plain `AutoModelForSequenceClassification` in a fresh process (the
+    measuring one), their quantized layers take at most 0.30x the fp32 bytes, and macro-F1 on
+    the classify run's own test split stays within 0.02."""
+    hf, shards = genre_classifier.run_dir / "hf", genre_classifier.corpus / "shard-*.jsonl.gz"
+    command = [sys.executable, "-m", "launcher", "compress",
+               str(CONFIG_ROOT / "compress" / "classify-tiny.yaml"), f"run.output_dir={tmp_path}",
+               f"init.path={hf}", f"classification.train.0.paths=[{shards}]"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "compress-classify-tiny"
+    table = json.loads((run / "compress.json").read_text())
+    assert list(table["models"]) == ["original", "int8-weight", "int8-dynamic"]
+    assert table["header"]["metric"] == "macro_f1"
+    report = json.loads((genre_classifier.run_dir / "report.json").read_text())
+    assert table["header"]["scored_on"] == f"{report['examples']['test']} test examples (macro-F1)"
+    original = table["models"]["original"]
+    # the same model on the same test texts as the classify run's own report
+    assert original["macro_f1"] == pytest.approx(report["test"]["macro_f1"], abs=1e-6)
+    text = (run / "compress.md").read_text()
+    for kind in ("int8-weight", "int8-dynamic"):
+        r = table["models"][kind]
+        print(f"{kind}: {r['quantized_share']:.3f}x bytes, macro-F1 {r['macro_f1']:.4f} vs "
+              f"{original['macro_f1']:.4f}")  # fmt: skip
+        assert r["class"] == "LlamaForSequenceClassification"
+        assert r["quantized_share"] <= 0.30
+        assert abs(r["macro_f1"] - original["macro_f1"]) <= 0.02
+        assert r["bytes_on_disk"] < original["bytes_on_disk"]
+        assert f"| {kind} |" in text and f"{r['macro_f1']:.4f}" in text

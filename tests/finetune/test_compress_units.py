@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from finetune.compress import check_causal_lm, original_note, write_variant
+from finetune.compress import check_model, original_note, write_variant
 from finetune.compress_config import CompressConfig
 from finetune.compress_report import quantized_share, tensor_bytes
 from finetune.compress_variants import (
@@ -136,7 +136,13 @@ def test_models_without_linear_layers_or_gated_mlps_are_named(tmp_path) -> None:
 def test_an_encoder_is_refused_naming_its_config(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
     with pytest.raises(CompressError, match=r"config.json: .*BertForMaskedLM"):
-        check_causal_lm(tmp_path)
+        check_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert check_model(tmp_path) == "causal"
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForSequenceClassification"]})
+    )
+    assert check_model(tmp_path) == "classifier"
 
 
 def test_the_original_row_says_when_it_stores_a_tied_head_twice(tmp_path) -> None:
@@ -179,3 +185,24 @@ def test_config_errors_name_the_key_and_line(tmp_path, yaml, key, needle) -> Non
     assert needle in problem.message
     if key != "init.path" or "path:" in path.read_text():
         assert problem.where is not None and problem.where.startswith(str(path))
+
+
+def test_a_classifier_needs_its_labelled_data_and_gets_the_int8_variants(tmp_path) -> None:
+    from transformers import LlamaForSequenceClassification
+
+    model = tmp_path / "classifier"
+    LlamaForSequenceClassification(llama().config).save_pretrained(model)
+    path = write(tmp_path, f"init:\n  path: {model}\nvariants: [int8-weight, ffn]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(CompressConfig, path)
+    found = {p.key: p.message for p in info.value.problems}
+    assert "is a classifier: give its labelled data" in found["classification"]
+    assert found["variants"].startswith("ffn is built for causal LMs")
+    assert "int8-weight, int8-dynamic" in found["variants"]
+    causal = tmp_path / "causal"
+    llama().save_pretrained(causal)
+    path = write(tmp_path, f"init:\n  path: {model}\ncompare:\n  lm: {causal}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(CompressConfig, path)
+    found = {p.key: p.message for p in info.value.problems}
+    assert f"{causal} is a causal LM and init.path a sequence classifier" in found["compare.lm"]
