@@ -232,15 +232,18 @@ def callbacks(cfg: ClassifyConfig) -> tuple[list, EarlyStopping]:
     ], stopper
 
 
-def classify(cfg: ClassifyConfig) -> dict[str, float]:
+def classify(
+    cfg: ClassifyConfig, task_class: type[ClassifyTask] = ClassifyTask
+) -> dict[str, float]:
     """Train, export the best checkpoint to ``runs/<name>/hf/``, and (main rank) write the
-    reports; returns the last logged metrics."""
+    reports; returns the last logged metrics. ``task_class``: a ``ClassifyTask`` subclass
+    that changes the loss (``distill-classify``), with the same evaluation and reports."""
     from finetune.classify_report import write_reports
 
     made: list[ClassifyTask] = []
 
     def make(cfg: ClassifyConfig, runtime: Runtime) -> ClassifyTask:
-        made.append(ClassifyTask(cfg, runtime))
+        made.append(task_class(cfg, runtime))
         return made[0]
 
     listed, stopper = callbacks(cfg)

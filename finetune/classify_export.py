@@ -28,7 +28,12 @@ def export_checkpoint(folder: Path, out: Path, dtype: torch.dtype = torch.float3
     """Write ``out`` from checkpoint ``folder`` (verified first; ``CheckpointError`` if not,
     ``KeyError`` naming weights the model does not have or lacks)."""
     verify(folder, read_manifest(folder))
-    cfg = ClassifyConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    # the sections of a stage that extends ClassifyConfig (distill-classify's teacher) are
+    # not needed to rebuild the model
+    cfg = ClassifyConfig.model_validate(
+        {k: v for k, v in saved.items() if k in ClassifyConfig.model_fields}
+    )
     info = json.loads((folder / LABELS).read_text())
     labels, head = info["labels"], info["head"]
     tokenizer = TextTokenizer.load(folder / "tokenizer")
