@@ -118,11 +118,12 @@ def refuse_merge(method: str | None) -> str | None:
 
 def checkpoint_merge_refusal(folder: Path) -> str | None:
     """``refuse_merge`` for a checkpoint folder, from the ``peft`` section of its saved
-    config.yaml (``Stage.merge_refusal`` of the stages with adapters: SFT, classification)."""
+    config.yaml (``Stage.merge_refusal`` of the stages with adapters: SFT keeps it at the top,
+    classification under ``classify``)."""
     import yaml
 
     saved = yaml.safe_load((Path(folder) / "config.yaml").read_text()) or {}
-    peft = saved.get("peft")
+    peft = saved.get("peft") or (saved.get("classify") or {}).get("peft")
     return refuse_merge(peft.get("method", "lora")) if peft else None
 
 

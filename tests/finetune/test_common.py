@@ -20,3 +20,22 @@ def test_a_resume_against_changed_frozen_weights_is_refused_naming_the_key(tmp_p
     with pytest.raises(CheckpointError, match=r"ppo.reward_model: the weights in .* changed.*"
                        r"files differing: model.safetensors"):  # fmt: skip
         FrozenModels({"ppo.reward_model": tmp_path}).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    ("saved", "refused"),
+    [
+        ("peft:\n  method: prefix\n", True),  # SFT keeps its peft section at the top
+        ("classify:\n  peft:\n    method: prompt\n", True),  # classification under classify
+        ("classify:\n  peft:\n    method: lora\n", False),
+        ("classify:\n  freeze: none\n", False),
+    ],
+)
+def test_merge_refusal_reads_the_peft_section_where_each_stage_keeps_it(tmp_path, saved, refused):
+    from finetune.peft_setup import checkpoint_merge_refusal
+
+    (tmp_path / "config.yaml").write_text(saved)
+    reason = checkpoint_merge_refusal(tmp_path)
+    assert (reason is not None) == refused
+    if refused:
+        assert "cannot be merged" in reason
