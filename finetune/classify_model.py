@@ -149,3 +149,10 @@ def apply_unfreezing(groups: list[dict], epoch: int, every: int | None) -> None:
     for group in groups:
         trains = deepest is None or group["depth"] <= deepest
         group["lr_scale"] = group["base_scale"] if trains else 0.0
+
+
+def saved_labels(config: dict) -> list:
+    """A saved classifier's labels by class index, from its config.json's ``id2label`` (keys
+    are the indices as strings; a missing index reads as None, so a gap never matches)."""
+    id2label = config.get("id2label") or {}
+    return [id2label.get(str(i)) for i in range(len(id2label))]

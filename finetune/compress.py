@@ -242,14 +242,14 @@ def labelled_examples(cfg: CompressConfig, folder: Path, tokenizer: TextTokenize
     validation split when no test example is held out. The labels read must be the model's
     own (``id2label``, in order), else its predictions would be scored against other labels."""
     from finetune.classify_data import read_sets
+    from finetune.classify_model import saved_labels
 
     reader = SimpleNamespace(
         data=cfg.classification, classify=SimpleNamespace(class_weights="none")
     )
     sets = read_sets(reader, tokenizer)
     config = json.loads((folder / "config.json").read_text())
-    id2label = config.get("id2label") or {}
-    own = [id2label.get(str(i)) for i in range(len(id2label))]
+    own = saved_labels(config)
     if own != sets.labels:
         raise CompressError(
             f"{folder}/config.json: the model's labels ({', '.join(map(str, own))}) are not the "

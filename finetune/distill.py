@@ -46,6 +46,15 @@ STUDENT_CONFIG = "student"
 an ``init.path`` student need not be a preset)."""
 
 
+def tempered_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row, ``KL(softmax(teacher/T) || softmax(student/T))`` over the last dimension, in
+    fp32, the teacher detached: the distillation term of both distill stages (tokens of a
+    causal LM, examples of a classifier)."""
+    log_p_teacher = torch.log_softmax(teacher.float().detach() / temperature, dim=-1)
+    log_p_student = torch.log_softmax(student.float() / temperature, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+
+
 def distill_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -60,10 +69,7 @@ def distill_loss(
     computed in fp32; the KL and CE sums are detached (for metrics)."""
     keep = targets != IGNORE
     s = student[..., :vocab][keep].float()
-    t = teacher[..., :vocab][keep].float().detach()
-    log_p_teacher = torch.log_softmax(t / temperature, dim=-1)
-    log_p_student = torch.log_softmax(s / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    kl = tempered_kl(s, teacher[..., :vocab][keep], temperature)
     ce = F.cross_entropy(s, targets[keep], reduction="none")
     total = (alpha * temperature**2 * kl + (1.0 - alpha) * ce).sum()
     return total, kl.sum().detach(), ce.sum().detach()

@@ -23,13 +23,14 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finetune.classify import ClassifyTask, classify
 from finetune.classify_export import export_checkpoint
 from finetune.classify_metrics import classification_loss
+from finetune.classify_model import saved_labels
 from finetune.common import FrozenModels
+from finetune.distill import tempered_kl
 from finetune.distill_classify_config import ClassifyDistillConfig
 from finetune.peft_setup import checkpoint_merge_refusal
 from launcher.errors import UserError
@@ -58,12 +59,8 @@ def classifier_distill_loss(
     [B, C], in fp32; the CE sum is ``classification_loss`` (weighted, smoothed), the KL of
     each example is weighted by ``weight_per_example`` (its class weight, the same that
     ``items_in`` counts). The KL and CE sums are detached (for metrics)."""
-    s, t = student.float(), teacher.float().detach()
-    log_p_teacher = torch.log_softmax(t / temperature, dim=-1)
-    log_p_student = torch.log_softmax(s / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
-    kl = (kl * weight_per_example.float()).sum()
-    ce = classification_loss(s, labels, class_weight, smoothing)
+    kl = (tempered_kl(student, teacher, temperature) * weight_per_example.float()).sum()
+    ce = classification_loss(student.float(), labels, class_weight, smoothing)
     total = alpha * temperature**2 * kl + (1.0 - alpha) * ce
     return total, kl.detach(), ce.detach()
 
@@ -92,8 +89,7 @@ class ClassifyDistillTask(ClassifyTask):
         a decoder classifier pools by) is the student's. Raises ``TeacherMismatch``."""
         config_file = self.teacher_dir / "config.json"
         config = json.loads(config_file.read_text())
-        id2label = config.get("id2label") or {}
-        theirs = [id2label[k] for k in sorted(id2label, key=int)]
+        theirs = saved_labels(config)
         if theirs != self.labels:
             raise TeacherMismatch(
                 f"teacher.path: {config_file} labels {theirs} (id2label), but the data's "
