@@ -11,11 +11,12 @@ import pytest
 
 from finetune.format_task import score
 
-from .sft_fixtures import run_sft
+from .sft_fixtures import run_sft, write_format_task
 from .test_reward_runs import metrics
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a wall-clock limit
 def test_format_task_is_learned_within_two_minutes(pretrained, sft_format):
     before = score(pretrained, sft_format.validation)
     after = score(sft_format.hf, sft_format.validation)
@@ -32,13 +33,16 @@ def test_format_task_is_learned_within_two_minutes(pretrained, sft_format):
 
 
 @pytest.mark.slow
-def test_a_parent_padding_with_eos_learns_to_stop(neo_pretrained, sft_format, tmp_path):
+def test_a_parent_padding_with_eos_learns_to_stop(neo_pretrained, tmp_path):
     """GPT-Neo's tokenizer with pad = EOS: a trainer that derived labels from pad ids would
     never train the end of turn, and the model would never stop."""
-    before = score(neo_pretrained, sft_format.validation)
-    run_sft(tmp_path, "neo-sft", neo_pretrained, sft_format.train, "data.validation=null",
-            "checkpoint.every=null", "train.epochs=null", "train.max_steps=40")  # fmt: skip
-    after = score(tmp_path / "neo-sft" / "hf", sft_format.validation)
+    train, validation = write_format_task(tmp_path / "data")  # the format run's data, not its run
+    # 10 chats: the parent never stops (0 of 50 measured), so each costs all 32 new tokens
+    before = score(neo_pretrained, validation, n=10)
+    # 20 steps: all 50 chats stopped after 10 and after 20 of 40 steps (measured)
+    run_sft(tmp_path, "neo-sft", neo_pretrained, train, "data.validation=null",
+            "checkpoint.every=null", "train.epochs=null", "train.max_steps=20")  # fmt: skip
+    after = score(tmp_path / "neo-sft" / "hf", validation)
     print(f"pad == EOS: before {before}, after {after}")
     assert before["stopped"] < 0.5
     assert after["stopped"] >= 0.90

@@ -36,7 +36,10 @@ STEPS = ["train.epochs=null", "train.max_steps=20", "checkpoint.every=null",
 def test_resume_and_two_ranks_match_one_uninterrupted_run(parent, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", varied_chats(40))
     val = "data.validation={fraction: 0.1}"
-    run_sft(tmp_path, "whole", parent, data, *STEPS, val)
+    # its step-10 checkpoint (kept beside the last) is where the resumed run starts: one launch
+    # less than a second run stopped there
+    run_sft(tmp_path, "whole", parent, data, *STEPS, val, "checkpoint.every=10",
+            "checkpoint.keep_last=2")  # fmt: skip
     whole = losses(tmp_path, "whole")
     assert sorted(whole) == list(range(1, 21))
     # the export: a plain HF model whose tokenizer's chat template gives kiln's ids
@@ -51,15 +54,16 @@ def test_resume_and_two_ranks_match_one_uninterrupted_run(parent, tmp_path):
     samples = (tmp_path / "whole" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 4 and all("completion" in json.loads(s) for s in samples)
 
-    run_sft(tmp_path, "resumed", parent, data, *STEPS, val, "train.stop_after=10")
-    assert max(losses(tmp_path, "resumed")) == 10
-    run_sft(tmp_path, "resumed", parent, data, *STEPS, val)
+    step10 = tmp_path / "whole" / "checkpoints" / "step-00000010"
+    run_sft(tmp_path, "resumed", parent, data, *STEPS, val, f"checkpoint.resume={step10}")
     resumed = losses(tmp_path, "resumed")
+    assert sorted(resumed) == list(range(11, 21))
     assert [resumed[s] for s in range(11, 21)] == [whole[s] for s in range(11, 21)]  # exact
 
     run_sft(tmp_path, "two", parent, data, *STEPS, val, "train.stop_after=5", nproc=2)
     assert {m["dist/world_size"] for m in metrics(tmp_path, "two")} == {2.0}
     two = losses(tmp_path, "two")
+    assert max(two) == 5  # stopped (and saved) after 5 steps
     for step in range(1, 6):
         assert two[step] == pytest.approx(whole[step], rel=1e-5), step
     run_sft(tmp_path, "two", parent, data, *STEPS, val, "train.stop_after=3")  # on 1 rank

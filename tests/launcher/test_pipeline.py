@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,19 @@ def pipeline(root: Path, config: Path) -> subprocess.CompletedProcess:
         cwd=root, capture_output=True, text=True, timeout=900,
         env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
     )  # fmt: skip
+
+
+def pipeline_here(root: Path, config: Path, capsys, monkeypatch) -> tuple[int, str, str]:
+    """`kiln pipeline` in this process, from ``root``: (exit status, stdout, stderr). The
+    stages still run as processes of their own; a new interpreter would only add its imports
+    (seconds of CPU)."""
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    capsys.readouterr()
+    code = kiln_main(["pipeline", str(config)])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def test_every_problem_of_every_stage_is_reported_before_anything_runs(tmp_path, capsys):
@@ -116,21 +130,24 @@ def final_metrics(hf: Path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def tiny_chain(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float, dict]:
+def tiny_chain(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float, dict, dict]:
     """configs/pipeline/tiny.yaml as shipped, run in a fresh directory (its relative paths:
-    data, corpus and runs land there); with every stage's final metrics as it finished (a
-    later test changes the chain)."""
+    data, corpus and runs land there); with every stage's final metrics and weights' SHA-256
+    as it finished (a later test changes the chain)."""
     root = tmp_path_factory.mktemp("tiny-chain")
     started = time.time()
     done = pipeline(root, TINY_CHAIN)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    finals = {s: final_metrics(root / "runs" / "tiny-chain" / s / "hf") for s in STAGES}
-    return root, done, time.time() - started, finals
+    chain = root / "runs" / "tiny-chain"
+    finals = {s: final_metrics(chain / s / "hf") for s in STAGES}
+    weights = {s: sha256_of_weights(chain / s / "hf") for s in STAGES}
+    return root, done, time.time() - started, finals, weights
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a wall-clock limit
 def test_the_reduced_chain_runs_every_stage_from_its_parent(tiny_chain):
-    root, done, seconds, _ = tiny_chain
+    root, done, seconds, _, _ = tiny_chain
     print(f"reduced chain: {seconds:.0f} s")
     assert seconds < 300
     chain = root / "runs" / "tiny-chain"
@@ -168,22 +185,24 @@ def test_the_reduced_chain_runs_every_stage_from_its_parent(tiny_chain):
 
 
 @pytest.mark.slow
-def test_a_rerun_skips_a_changed_export_reruns_its_children_and_a_failure_is_named(tiny_chain):
-    root, _, _, _ = tiny_chain
+def test_a_rerun_skips_a_changed_export_reruns_its_children_and_a_failure_is_named(
+    tiny_chain, capsys, monkeypatch
+):
+    root, _, _, _, _ = tiny_chain
     chain = root / "runs" / "tiny-chain"
-    again = pipeline(root, TINY_CHAIN)  # nothing to do
-    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 6
+    code, out, _ = pipeline_here(root, TINY_CHAIN, capsys, monkeypatch)  # nothing to do
+    assert code == 0 and out.count("finished earlier, skipped") == 6
 
     # another SFT export (as if re-trained): the stages built on it are stale and run again
     sft_hf = chain / "sft" / "hf"
     weights = load_file(str(sft_hf / "model.safetensors"))
     save_file({k: v + 0.01 for k, v in weights.items()}, str(sft_hf / "model.safetensors"))
-    third = pipeline(root, TINY_CHAIN)
-    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
+    code, out, err = pipeline_here(root, TINY_CHAIN, capsys, monkeypatch)
+    assert code == 0, out[-2000:] + err[-3000:]
     for stage in ("pretrain", "sft", "classify"):
-        assert f"pipeline {stage}: finished earlier, skipped" in third.stdout
+        assert f"pipeline {stage}: finished earlier, skipped" in out
     for stage in ("reward", "dpo", "ppo"):
-        assert f"{stage}: its config or parent changed" in third.stdout
+        assert f"{stage}: its config or parent changed" in out
         assert len(list(chain.glob(f"{stage}-stale-*"))) == 1
         lineage = json.loads((chain / stage / "hf" / "kiln.json").read_text())
         assert lineage["parent"]["weights"] == sha256_of_weights(sft_hf)
@@ -194,23 +213,39 @@ def test_a_rerun_skips_a_changed_export_reruns_its_children_and_a_failure_is_nam
     spec["stages"][-1]["overrides"].append(f"data.train=[{{paths: [{missing}]}}]")
     broken = root / "broken.yaml"
     broken.write_text(yaml.safe_dump(spec))
-    failed = pipeline(root, broken)
-    assert failed.returncode == 1
-    assert "stage classify (classify) failed: exit status 1" in failed.stderr
-    assert "its log: runs/tiny-chain/logs/classify.log" in failed.stderr  # as the config says
+    code, _, err = pipeline_here(root, broken, capsys, monkeypatch)
+    assert code == 1
+    assert "stage classify (classify) failed: exit status 1" in err
+    assert "its log: runs/tiny-chain/logs/classify.log" in err  # as the config says
     assert str(missing) in (chain / "logs" / "classify.log").read_text()
 
 
 @pytest.mark.slow
 def test_a_chain_stopped_during_sft_and_run_again_ends_as_an_uninterrupted_one(
-    tiny_chain, tmp_path
+    tiny_chain, tmp_path, capsys, monkeypatch
 ):
     """SIGTERM to the pipeline while SFT trains: the stage saves and stops, the pipeline
-    stops; the same command again resumes SFT from its checkpoint and runs the rest. Every
-    stage's final metrics (wall-clock ones aside) equal the uninterrupted chain's exactly."""
-    _, _, _, uninterrupted = tiny_chain
+    stops; the same command again resumes SFT from its checkpoint and runs the rest. The
+    reduced chain cut after reward (one stage after SFT shows "the rest"; each launch costs
+    ~20 s), its finished pretraining and prepared data copied from the uninterrupted chain:
+    SFT's and reward's final metrics (wall-clock ones aside) and weights equal the
+    uninterrupted chain's exactly."""
+    root, _, _, uninterrupted, weights = tiny_chain
+    stages = STAGES[:3]
+    for part in ("data", "runs/tiny-chain/pretrain"):
+        shutil.copytree(root / part, tmp_path / part)
+    state = json.loads((root / "runs" / "tiny-chain" / "pipeline.json").read_text())
+    (tmp_path / "runs" / "tiny-chain" / "pipeline.json").write_text(
+        json.dumps({"pretrain": state["pretrain"]})
+    )
+    spec = yaml.safe_load(TINY_CHAIN.read_text())
+    assert [s["stage"] for s in spec["stages"][:3]] == list(stages)
+    spec["stages"] = spec["stages"][:3]
+    config = tmp_path / "tiny-to-reward.yaml"
+    config.write_text(yaml.safe_dump(spec))
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "launcher", "pipeline", str(TINY_CHAIN)]
+    command = [sys.executable, "-m", "launcher", "pipeline", str(config)]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     metrics_file = tmp_path / "runs" / "tiny-chain" / "sft" / "metrics.jsonl"
@@ -224,14 +259,16 @@ def test_a_chain_stopped_during_sft_and_run_again_ends_as_an_uninterrupted_one(
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "pipeline stopped during sft" in out, out[-3000:]
     assert not (tmp_path / "runs" / "tiny-chain" / "sft" / "hf" / "kiln.json").exists()
-    again = pipeline(tmp_path, TINY_CHAIN)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "pretrain: finished earlier, skipped" in again.stdout
+    code, out, err = pipeline_here(tmp_path, config, capsys, monkeypatch)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "pretrain: finished earlier, skipped" in out
     sft_log = (tmp_path / "runs" / "tiny-chain" / "logs" / "sft.log").read_text()
     assert "resumed from" in sft_log or "resuming from" in sft_log, sft_log[-3000:]
-    for stage in STAGES:
-        ours = final_metrics(tmp_path / "runs" / "tiny-chain" / stage / "hf")
+    for stage in stages[1:]:  # pretraining: copied
+        hf = tmp_path / "runs" / "tiny-chain" / stage / "hf"
+        ours = final_metrics(hf)
         assert ours == uninterrupted[stage], (stage, ours, uninterrupted[stage])
+        assert sha256_of_weights(hf) == weights[stage], stage
 
 
 def test_a_failing_prepare_call_is_named_and_nothing_runs(tmp_path, capsys):
