@@ -1,7 +1,7 @@
 """Run in a fresh process: score pairs with a plain HF reward model directory.
 
-``python -m tests.finetune.reward_score HF_DIR PAIRS.jsonl`` prints JSON: the chosen and
-rejected scores, accuracy, mean and std of all rewards."""
+``python -m tests.finetune.reward_score HF_DIR [HF_DIR ...] PAIRS.jsonl`` prints a line of
+JSON per directory: the chosen and rejected scores, accuracy, mean and std of all rewards."""
 
 from __future__ import annotations
 
@@ -39,4 +39,5 @@ def main(hf: str, pairs: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:3])))
+    for hf in sys.argv[1:-1]:  # one process for several: a start-up costs seconds
+        print(json.dumps(main(hf, sys.argv[-1])))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from finetune.reward_data import PairEncoder
 from finetune.reward_model import load_reward_model, metrics_of, tally
+from launcher.cli import main as cli_main
 from launcher.config import CONFIG_ROOT
 from launcher.data.batches import evaluation_batches
 from launcher.data.examples import ExampleSource, read_examples
@@ -71,37 +72,54 @@ def untrained_accuracy(parent: Path, pairs: Path) -> float:
     return metrics_of(tally(model.eval(), batches, tok.pad_id, 0.0, "cpu"))["eval/accuracy"]
 
 
-def score(hf: Path, pairs: Path) -> dict:
+def score(pairs: Path, *hf: Path) -> list[dict]:
+    """The scores of each HF directory ``hf``, all in one fresh process."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.finetune.reward_score", str(hf), str(pairs)],
+        [sys.executable, "-m", "tests.finetune.reward_score", *map(str, hf), str(pairs)],
         capture_output=True, text=True, timeout=300, env=env(),
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return [json.loads(line) for line in done.stdout.splitlines()[-len(hf) :]]
+
+
+# the learning run, shared: ZeRO-3 on 2 ranks and the resume stop early on its schedule, so
+# that it is the uninterrupted reference of both (a launch costs ~20 s)
+SYNTH = ["train.max_steps=300", "optim.lr=1e-3", "train.global_batch_size=64",
+         "train.micro_batch_size=32", "schedule.warmup_steps=20", "checkpoint.every=150",
+         "checkpoint.keep_last=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synth(pretrained, tmp_path_factory) -> Path:
+    """300 steps of `kiln reward` (ZeRO-0, 1 rank) on 8000 synthetic pairs (``pairs/`` next to
+    it), saved at steps 150 and 300; the run directory."""
+    root = tmp_path_factory.mktemp("reward")
+    write_preferences(root / "pairs", train=8000, validation=200, seed=3)
+    run_reward(root, "synth", pretrained, root / "pairs", *SYNTH, "dist.zero_stage=0")
+    return root / "synth"
 
 
 @pytest.mark.slow
-def test_synthetic_preferences_are_learned_and_the_export_scores_the_same(pretrained, tmp_path):
-    data = tmp_path / "pairs"
-    write_preferences(data, train=8000, validation=200, seed=3)
-    before = untrained_accuracy(pretrained, data / "validation.jsonl")
+def test_synthetic_preferences_are_learned_and_the_export_scores_the_same(
+    pretrained, synth, tmp_path
+):
+    validation = synth.parent / "pairs" / "validation.jsonl"
+    before = untrained_accuracy(pretrained, validation)
     print(f"untrained head: held-out accuracy {before:.3f}")
     assert abs(before - 0.5) <= 0.2
-    run_reward(
-        tmp_path, "synth", pretrained, data, "train.max_steps=300", "optim.lr=1e-3",
-        "train.global_batch_size=64", "train.micro_batch_size=32", "schedule.warmup_steps=20",
-        "checkpoint.every=300", "dist.zero_stage=0",
-    )  # fmt: skip
-    run_dir = tmp_path / "synth"
-    last = [m for m in metrics(run_dir) if "eval/accuracy" in m][-1]
+    last = [m for m in metrics(synth) if "eval/accuracy" in m][-1]
     print(f"trained: held-out accuracy {last['eval/accuracy']:.3f} at step {last['step']}")
     assert last["step"] == 300 and last["eval/accuracy"] >= 0.9
     assert {"train/accuracy", "train/margin", "reward/chosen_mean", "reward/rejected_mean"} <= {
-        k for m in metrics(run_dir) for k in m
+        k for m in metrics(synth) for k in m
     }
-    hf = run_dir / "hf"
-    exported = score(hf, data / "validation.jsonl")
+    # `kiln export` of the checkpoint, without the parent: the same scores as the run's export
+    # (its CLI in this process: a process would add a start-up, the scoring is in a fresh one)
+    checkpoint = synth / "checkpoints" / "step-00000300"
+    out = tmp_path / "out"
+    assert cli_main(["export", str(checkpoint), "--out", str(out), "--dtype", "fp32"]) == 0
+    exported, again = score(validation, synth / "hf", out)
     assert exported["pad_token_id"] == TextTokenizer.load(pretrained).pad_id
     assert exported["accuracy"] == last["eval/accuracy"]
     assert abs(exported["mean"] - last["eval/reward_mean"]) < 1e-5
@@ -110,40 +128,33 @@ def test_synthetic_preferences_are_learned_and_the_export_scores_the_same(pretra
     assert (
         abs(saved["mean"] - exported["mean"]) < 1e-5 and abs(saved["std"] - exported["std"]) < 1e-5
     )
-    # `kiln export` of the checkpoint, without the parent: the same scores
-    checkpoint = run_dir / "checkpoints" / "step-00000300"
-    kiln(tmp_path, "export", str(checkpoint), "--out", str(tmp_path / "out"), "--dtype", "fp32")
-    again = score(tmp_path / "out", data / "validation.jsonl")
     for key in ("chosen", "rejected"):
         diff = max(abs(a - b) for a, b in zip(again[key], exported[key], strict=True))
         assert diff < 1e-5
     assert again["kiln_reward"]["mean"] == pytest.approx(saved["mean"], abs=1e-5)
 
 
-STEPS = ["train.max_steps=20", "checkpoint.every=null", "train.micro_batch_size=2",
-         "train.global_batch_size=8", "schedule.warmup_steps=2"]  # fmt: skip
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero3_on_two_ranks_and_a_resume_match_one_uninterrupted_run(pretrained, tmp_path):
-    data = tmp_path / "pairs"
-    write_preferences(data, train=200, validation=16, seed=5)
-    run_reward(tmp_path, "whole", pretrained, data, *STEPS, "dist.zero_stage=0")
-    whole = losses(tmp_path / "whole")
-    assert sorted(whole) == list(range(1, 21))
-    run_reward(tmp_path, "three", pretrained, data, *STEPS, "dist.zero_stage=3",
+def test_zero3_on_two_ranks_and_a_resume_match_one_uninterrupted_run(pretrained, synth):
+    root, data = synth.parent, synth.parent / "pairs"
+    whole = losses(synth)
+    assert sorted(whole) == list(range(1, 301))
+    run_reward(root, "three", pretrained, data, *SYNTH, "dist.zero_stage=3",
                "train.stop_after=5", nproc=2)  # fmt: skip
-    assert {m["dist/world_size"] for m in metrics(tmp_path / "three")} == {2.0}
-    three = losses(tmp_path / "three")
-    for step in range(1, 6):
+    assert {m["dist/world_size"] for m in metrics(root / "three")} == {2.0}
+    three = losses(root / "three")
+    assert sorted(three) == [1, 2, 3, 4, 5]
+    for step in three:
         assert abs(three[step] - whole[step]) <= 1e-5 * abs(whole[step]), (step, three, whole)
-    run_reward(tmp_path, "resumed", pretrained, data, *STEPS, "dist.zero_stage=0",
-               "train.stop_after=10")  # fmt: skip
-    assert max(losses(tmp_path / "resumed")) == 10
-    run_reward(tmp_path, "resumed", pretrained, data, *STEPS, "dist.zero_stage=0")
-    resumed = losses(tmp_path / "resumed")
-    assert [resumed[s] for s in range(11, 21)] == [whole[s] for s in range(11, 21)]
+    # from the run's own step-150 checkpoint (what a stop after 150 saves: the same save), past
+    # the first epoch (125 steps): Adam's moments and the data position restored
+    step150 = synth / "checkpoints" / "step-00000150"
+    run_reward(root, "resumed", pretrained, data, *SYNTH, "dist.zero_stage=0",
+               f"checkpoint.resume={step150}", "train.stop_after=10")  # fmt: skip
+    resumed = losses(root / "resumed")
+    assert sorted(resumed) == list(range(151, 161))
+    assert [resumed[s] for s in resumed] == [whole[s] for s in resumed]
 
 
 @pytest.mark.slow

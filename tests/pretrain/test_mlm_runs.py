@@ -27,7 +27,9 @@ from ..launcher.runs import losses, metrics, run, world_sizes
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 MLM = str(CONFIG_ROOT / "pretrain" / "tiny-mlm.yaml")
-SHORT = ["train.max_steps=20", "checkpoint.every=10", "schedule.warmup_steps=5"]
+# the 300-step run's settings, shared by every run here: the stage comparisons and the resume
+# stop early on its schedule, so that one run is the reference of all (a launch costs ~20 s)
+LEARN = ["train.max_steps=300", "eval.every=300", "checkpoint.every=150"]
 
 
 @pytest.fixture(scope="module")
@@ -40,45 +42,43 @@ def mlm(root: Path, name: str, *overrides: str, check: bool = True):
 
 
 @pytest.fixture(scope="module")
-def zero_runs(root) -> dict[int, dict[int, float]]:
-    """ZeRO-0 and -2 for the first 10 of 20 steps (the same LR schedule), ZeRO-3 for all 20
-    (the uninterrupted reference), 2 ranks each."""
-    out = {}
-    for stage in (0, 2, 3):
-        stop = [] if stage == 3 else ["train.stop_after=10"]
-        mlm(root, f"zero{stage}", f"dist.zero_stage={stage}", *SHORT, *stop)
-        assert world_sizes(root, f"zero{stage}") == {2.0}
-        assert {m["dist/zero_stage"] for m in metrics(root, f"zero{stage}")} == {float(stage)}
-        out[stage] = losses(root, f"zero{stage}")
-    return out
-
-
-def test_zero_0_2_3_give_the_same_first_ten_masked_lm_losses(zero_runs) -> None:
-    reference = [zero_runs[0][s] for s in range(1, 11)]
-    assert reference[0] > 6.0  # ln(2048) = 7.6 at init: a real masked-LM loss, not a stub
-    for stage in (2, 3):
-        got = [zero_runs[stage][s] for s in range(1, 11)]
-        assert got == pytest.approx(reference, rel=1e-5), stage
-
-
-def test_stop_after_10_then_resume_to_20_gives_the_uninterrupted_losses(root, zero_runs) -> None:
-    mlm(root, "half", "dist.zero_stage=3", *SHORT, "train.stop_after=10")
-    assert max(losses(root, "half")) == 10
-    mlm(root, "half", "dist.zero_stage=3", *SHORT)
-    resumed, full = losses(root, "half"), zero_runs[3]
-    assert world_sizes(root, "half") == {2.0}
-    assert sorted(resumed) == list(range(1, 21)) == sorted(full)
-    assert max(abs(resumed[s] - full[s]) for s in full) == 0.0
-
-
-@pytest.fixture(scope="module")
 def trained(root) -> Path:
-    """300 steps of tiny-bert on tiny.yaml's corpus, 2 ranks; the run directory."""
+    """300 steps of tiny-bert on tiny.yaml's corpus, 2 ranks, ZeRO-2 (the default), saved at
+    steps 150 and 300; the run directory."""
     started = time.monotonic()
-    mlm(root, "learn", "train.max_steps=300", "eval.every=300")
+    mlm(root, "learn", *LEARN)
     print(f"300 masked-LM steps on 2 ranks: {time.monotonic() - started:.0f} s")
     assert world_sizes(root, "learn") == {2.0}
+    assert {m["dist/zero_stage"] for m in metrics(root, "learn")} == {2.0}
     return root / "learn"
+
+
+def test_zero_0_2_3_give_the_same_first_ten_masked_lm_losses(root, trained) -> None:
+    """ZeRO-0 and -3 for the first 10 of the 300 steps (the same LR schedule) against the
+    300-step run's ZeRO-2 losses, 2 ranks each."""
+    reference = [losses(root, "learn")[s] for s in range(1, 11)]
+    assert reference[0] > 6.0  # ln(2048) = 7.6 at init: a real masked-LM loss, not a stub
+    for stage in (0, 3):
+        mlm(root, f"zero{stage}", f"dist.zero_stage={stage}", *LEARN, "train.stop_after=10")
+        assert world_sizes(root, f"zero{stage}") == {2.0}
+        assert {m["dist/zero_stage"] for m in metrics(root, f"zero{stage}")} == {float(stage)}
+        got = losses(root, f"zero{stage}")
+        assert sorted(got) == list(range(1, 11)), stage
+        assert [got[s] for s in range(1, 11)] == pytest.approx(reference, rel=1e-5), stage
+
+
+def test_a_resume_from_step_150_gives_the_uninterrupted_losses(root, trained) -> None:
+    # a launch from the 300-step run's step-150 checkpoint (what a stop after 150 saves: the
+    # same save), stopped after 10 steps of its own: mid-schedule, Adam's moments and the data
+    # position restored; its checkpoint at 160 is resumable (not exported)
+    step150 = trained / "checkpoints" / "step-00000150"
+    mlm(root, "half", *LEARN, f"checkpoint.resume={step150}", "train.stop_after=10")
+    resumed, full = losses(root, "half"), losses(root, "learn")
+    assert world_sizes(root, "half") == {2.0}
+    assert sorted(resumed) == list(range(151, 161)) and sorted(full) == list(range(1, 301))
+    assert max(abs(resumed[s] - full[s]) for s in resumed) == 0.0
+    assert (root / "half" / "checkpoints" / "step-00000160").is_dir()
+    assert not (root / "half" / "hf").exists()
 
 
 def test_300_steps_beat_the_most_frequent_token_accuracy(trained) -> None:
