@@ -45,9 +45,14 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Everything CI runs: lint, then every test (slow and multi-process ones included).
+# Everything CI runs: lint, then every test (slow and multi-process ones included), in two
+# passes. In-process and one-process tests on 2 pytest-xdist workers, one core each (a test
+# module stays on one worker, so its fixtures are built once); then, one at a time, the
+# multi-process runs (2 ranks already take both cores, and their signals and kills are
+# timed) and the tests with a wall-clock limit.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not distributed and not serial" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -m "distributed or serial"
 
 # Unit tests only, for the edit-run loop.
 test-fast: setup

@@ -9,6 +9,14 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (`make test`'s first pass: 2 workers on 2 cores) each worker, and every
+# run it starts, gets one core: two workers of 2 threads each would oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KILN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -29,3 +37,17 @@ def web_texts(shared_data) -> list[str]:
             texts.extend(json.loads(line)["text"] for line in f if line.strip())
     assert len(texts) >= 20
     return texts
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """A module with a multi-process test (or a wall-clock limit) runs whole in `make test`'s
+    serial pass: its module fixtures are then built once, not once per pass."""
+    serial = {
+        item.module.__name__
+        for item in items
+        if item.get_closest_marker("distributed") or item.get_closest_marker("serial")
+    }
+    for item in items:
+        if item.module.__name__ in serial and not item.get_closest_marker("serial"):
+            item.add_marker(pytest.mark.serial)

@@ -77,6 +77,7 @@ def test_early_stopping_on_two_zero3_ranks_finishes_and_exports_the_best_epoch(
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a wall-clock limit
 def test_genre_classification_on_the_pretrained_parent(tmp_path, genre_classifier):
     corpus, run_dir = genre_classifier.corpus, genre_classifier.run_dir
     seconds = genre_classifier.seconds
