@@ -73,8 +73,9 @@ def teacher(root) -> Path:
     0.59 at 1000), so that 100 steps of recovery after pruning are recovery, not more
     training. (From a 300-step teacher, 1.12 bits per byte, 100 plain steps gain 0.1.)"""
     started = time.monotonic()
-    # ZeRO-0: on one CPU process DeepSpeed's ZeRO-2 steps take twice as long (150 tiny steps
-    # measured: 143 s under ZeRO-2, 69 s under ZeRO-0; micro-batch 8 instead of 2 x 4: 147 s)
+    # ZeRO-0: one process has nothing to shard, and ZeRO-2's bucketing costs time per step
+    # (60 tiny steps alone on the machine: 0.18 s forward+backward and 0.010 s optimizer under
+    # ZeRO-2, 0.17 s and 0.005 s under ZeRO-0)
     run(root, "teacher", f"train.max_steps={TEACHER_STEPS}", "checkpoint.every=null",
         "eval.every=null", "dist.zero_stage=0", nproc=1)  # fmt: skip
     print(f"{TEACHER_STEPS}-step teacher: {time.monotonic() - started:.0f} s")
