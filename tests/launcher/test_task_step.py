@@ -166,3 +166,17 @@ def test_a_task_step_stopped_and_resumed_at_loop_step_2_equals_an_uninterrupted_
     assert again.resumed_from.name == "step-00000002" and again.state.step == 4
     assert max_diff(got, expected) == 0.0
     assert again.state.applied_steps == 4 * K
+
+
+def test_an_accelerator_made_earlier_in_the_process_does_not_turn_deepspeed_off(tmp_path):
+    """Accelerate's state is a process-wide singleton: a plain Accelerator made before ours
+    (a TRL trainer in the same process) once made prepare() return the bare model."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    Accelerator()  # DeepSpeed off, the state left behind
+    try:
+        trainer, _ = train(cfg_for(tmp_path, "after-plain", 2), Repeated)
+        assert type(trainer.engine).__name__ == "DeepSpeedEngine"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
