@@ -240,6 +240,10 @@ def shards(tmp_path_factory) -> tuple[Path, dict[Path, list[Record]]]:
 
 
 @pytest.mark.slow
+# serial: under pytest-xdist (a worker that had run other modules first) one of its forked
+# DataLoader workers died of a segmentation fault once; alone it never has. Cause not
+# pinned down (suspect: fork after pyarrow or OpenMP threads started in the worker).
+@pytest.mark.serial
 def test_every_record_is_one_document_or_one_counted_skip_on_two_workers(shards, tokenizer):
     root, written = shards
     cfg = fuzz_config(root)
