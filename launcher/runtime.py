@@ -78,10 +78,7 @@ class Runtime:
     def close(self) -> None:
         """Leave the process group and forget Accelerate's process-wide state, so that
         another run can start in this process (tests, notebooks)."""
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        _forget_accelerate_state()
         if dist.is_initialized():
             dist.destroy_process_group()
         _forget_deepspeed_groups()
@@ -97,6 +94,13 @@ class Runtime:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
+
+
+def _forget_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def _forget_deepspeed_groups() -> None:
@@ -261,13 +265,11 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
     # Imported first: DeepSpeed's log handler binds sys.stdout when it is created, and one
     # created inside the redirect would send every later DeepSpeed log line into the buffer.
     import deepspeed  # noqa: F401
-    from accelerate.state import AcceleratorState, GradientState
 
     # Accelerate keeps its state in process-wide singletons: an Accelerator made earlier in
     # this process (a TRL trainer, a notebook cell) would hand ours its settings, DeepSpeed
     # off, and prepare() would return the bare model. A launched rank has none: a no-op.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    _forget_accelerate_state()
     printed = io.StringIO()
     accelerate_env = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
     with contextlib.redirect_stdout(printed):
