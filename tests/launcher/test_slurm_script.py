@@ -22,18 +22,20 @@ TINY = str(CONFIG_ROOT / "pretrain" / "tiny.yaml")
 EVIL = "x; touch {canary} $(touch {canary}) `touch {canary}` ' \" \n touch {canary}"
 
 FAKE_SRUN = r"""#!/bin/bash
-python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$FAKE_LOG"
-[ -n "$SRUN_FAILS" ] && exit 1  # e.g. a node that cannot start the task
-if [ -n "$SRUN_RUNS" ]; then  # run the task itself (one node)
-    while [ "${1#--}" != "$1" ]; do shift; done
-    exec "$@"
-fi
+# The trap comes before the call is logged: the test signals as soon as it sees the call, and
+# a USR1 before the trap would kill this stand-in (exit 138) under a loaded machine.
 preempted() {  # what the trainer does: PREEMPTED, with this launch's id
     echo USR1 >> "$FAKE_LOG"
     [ -n "$PREEMPT" ] && echo "{\"launch\": \"$KILN_LAUNCH_ID\"}" > "$PREEMPT"
     exit 0
 }
 trap preempted USR1
+python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$FAKE_LOG"
+[ -n "$SRUN_FAILS" ] && exit 1  # e.g. a node that cannot start the task
+if [ -n "$SRUN_RUNS" ]; then  # run the task itself (one node)
+    while [ "${1#--}" != "$1" ]; do shift; done
+    exec "$@"
+fi
 [ -n "$PREEMPT_NOW" ] && touch "$PREEMPT_NOW"
 for _ in $(seq 40); do sleep 0.1; done
 """
