@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
@@ -75,6 +75,7 @@ def same_tokenizer(a: Path, b: Path) -> bool:
 class DistillConfig(PretrainConfig):
     teacher: TeacherSection
     distill: DistillSection = DistillSection()
+    loads_init: ClassVar[bool] = True  # the student: a pruned export, or the seeded preset
 
     @model_validator(mode="before")
     @classmethod

@@ -176,10 +176,17 @@ def check_all(steps: list[Step]) -> list[str]:
     for step in steps:
         overrides = step.overrides(by_id)
         pending = {k for k, ref in step.refs.items() if not by_id[ref].hf.is_dir()}
+        config_class = find_stage(step.spec.stage).config_class
+        if step.parent is not None and not config_class.loads_init:
+            lines.append(
+                f"stage {step.id} ({step.spec.stage}): parent: {step.parent.id!r} would not be "
+                "read (this stage starts from its own seeded model); give it parent: null"
+            )
+            pending.add("init.path")  # said once, above
         if step.parent is not None and not step.parent.hf.is_dir():
             pending.add("init.path")
         try:
-            load_config(find_stage(step.spec.stage).config_class, step.config, overrides)
+            load_config(config_class, step.config, overrides)
         except ConfigError as exc:
             for problem in exc.problems:  # a key under a pending one is pending too
                 if not any(problem.key == k or problem.key.startswith(f"{k}.") for k in pending):

@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -206,6 +206,11 @@ class RunConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointSection = CheckpointSection()
     init: InitSection = InitSection()
+
+    loads_init: ClassVar[bool] = True
+    """Whether the stage builds its model from ``init.path``. A stage that does not
+    (pretraining starts from its seeded init) refuses one instead of leaving it unread, and
+    `kiln pipeline` refuses to give it a parent."""
 
     @property
     def run_dir(self) -> Path:

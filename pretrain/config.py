@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import ClassVar, Literal
 
 from launcher.data.masking import MaskingConfig
 from launcher.data.tokenizer import TokenizerConfig
@@ -25,12 +25,21 @@ class PretrainConfig(RunConfig):
     mlm: MaskingConfig = MaskingConfig()
     """Masking of the ``mlm`` objective (BERT's 15% with 80/10/10)."""
 
+    loads_init: ClassVar[bool] = False  # the seeded init of `model` (distill loads init.path)
+
     def model_width(self) -> int | None:
         return self.model.d_model
 
     def problems(self) -> Iterable[tuple[str, str]]:
         yield from super().problems()
         yield from self._objective_problems()
+        if self.init.path is not None and not self.loads_init:
+            yield (
+                "init.path",
+                "pretraining starts from the seeded init of `model` and would not read "
+                f"{self.init.path}; continued pretraining from an export is not supported: "
+                "remove init.path (in a pipeline, give this stage `parent: null`)",
+            )
         if self.data.seq_len > self.model.max_seq_len:
             yield (
                 "data.seq_len",

@@ -82,6 +82,19 @@ def test_every_problem_of_every_stage_is_reported_before_anything_runs(tmp_path,
     assert not (tmp_path / "runs" / "chain" / "pretrain").exists()
 
 
+def test_a_pretrain_stage_given_a_parent_is_refused_before_anything_runs(tmp_path, capsys):
+    config = write_pipeline(tmp_path)
+    spec = yaml.safe_load(config.read_text())
+    spec["stages"].append({**spec["stages"][0], "id": "again"})  # parent: the sft stage
+    config.write_text(yaml.safe_dump(spec))
+    assert kiln_main(["pipeline", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem in the stages" in err
+    assert "stage again (pretrain): parent: 'sft' would not be read" in err
+    assert "parent: null" in err
+    assert not (tmp_path / "runs" / "chain").exists()
+
+
 def test_a_bad_pipeline_file_names_its_keys(tmp_path, capsys):
     config = tmp_path / "p.yaml"
     config.write_text(yaml.safe_dump({"stages": [

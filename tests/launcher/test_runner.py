@@ -166,6 +166,25 @@ def test_init_path_is_checked_before_anything_starts_and_sizes_the_model(tmp_pat
     assert cfg.model_width() == 96  # ZeRO-3's buffers are sized from the parent's width
 
 
+def test_pretraining_refuses_an_init_path_it_would_not_read(tmp_path):
+    """Pretraining builds the seeded `model`; an init.path would have been silently unread
+    (a user expecting continued pretraining would have trained from scratch)."""
+    from launcher.config import CONFIG_ROOT, ConfigError, load_config
+    from pretrain.config import PretrainConfig
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "config.json").write_text(json.dumps({"hidden_size": 96}))
+    save_file({"w": torch.zeros(2)}, str(parent / "model.safetensors"))
+    tiny = CONFIG_ROOT / "pretrain" / "tiny.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(PretrainConfig, tiny, [f"init.path={parent}"])
+    [problem] = info.value.problems
+    assert problem.key == "init.path" and f"would not read {parent}" in problem.message
+    assert "line" in str(info.value) or "init.path" in str(info.value)
+    assert load_config(PretrainConfig, tiny).init.path is None  # without it: fine
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_an_export_from_a_gathered_state_dict_stores_a_tied_head_once(tmp_path, tie) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
