@@ -39,6 +39,7 @@ QUIET_LOG_MESSAGES = {
     # torchao (imported by transformers and peft whenever it is installed) on a machine
     # without its GPU kernels, and torch about an Enum torchao registers: once per process
     "torchao": ("Failed to load",),
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),  # a logger's filter is its own
     "torch.utils._pytree": ("%s is an Enum subclass",),
 }
 """Logger name -> messages (prefixes after leading '*' and spaces) dropped unless verbose."""

@@ -17,6 +17,7 @@ BANNERS = {
     "torch.distributed deprecation": "FutureWarning",
     "wandb banner": "wandb: ",
     "deepspeed shm op": "built successfully",
+    "torchao without triton": "Detected no triton",
 }
 OMP_BANNER = "Setting OMP_NUM_THREADS environment variable"  # torchrun, when it is unset
 
