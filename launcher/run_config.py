@@ -231,6 +231,13 @@ class RunConfig(Section):
                 f"{per_step}; use a multiple of {per_step} (e.g. {fix}) or change "
                 "train.micro_batch_size",
             )
+        if self.init.path is not None and not self.loads_init:
+            yield (
+                "init.path",
+                f"this stage starts from the seeded init of its `model` and would not read "
+                f"{self.init.path} (continued pretraining from an export is not supported): "
+                "remove init.path (in a pipeline, give this stage `parent: null`)",
+            )
         if self.init.keep_zeros and self.dist.zero_stage == 3:
             yield (
                 "init.keep_zeros",

@@ -33,13 +33,6 @@ class PretrainConfig(RunConfig):
     def problems(self) -> Iterable[tuple[str, str]]:
         yield from super().problems()
         yield from self._objective_problems()
-        if self.init.path is not None and not self.loads_init:
-            yield (
-                "init.path",
-                "pretraining starts from the seeded init of `model` and would not read "
-                f"{self.init.path}; continued pretraining from an export is not supported: "
-                "remove init.path (in a pipeline, give this stage `parent: null`)",
-            )
         if self.data.seq_len > self.model.max_seq_len:
             yield (
                 "data.seq_len",
