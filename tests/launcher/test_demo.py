@@ -14,6 +14,8 @@ import pytest
 
 from launcher.config import CONFIG_ROOT
 
+from .runs import world_sizes
+
 DEMO = str(CONFIG_ROOT / "pretrain" / "demo.yaml")
 
 
@@ -77,6 +79,7 @@ def test_demo_on_two_processes_with_wandb_exits_cleanly(tmp_path):
     assert any("trained 4 steps" in line and "bits per byte" in line for line in lines), out
     assert any(line.startswith("[kiln] model") and "hf/" in line for line in lines), out
     run = tmp_path / "demo"
+    assert world_sizes(tmp_path, "demo") == {2.0}  # not a silent world of 1
     assert (run / "hf" / "config.json").is_file()
     assert list((run / "wandb").glob("offline-run-*/*.wandb")), "wandb (offline) did not log"
     deadline = time.time() + 30  # the launcher's children are reaped right after it exits
