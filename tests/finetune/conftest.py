@@ -38,6 +38,13 @@ def pretrained(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_corpus(pretrained) -> Path:
+    """The built-in corpus ``pretrained`` trained on (``tests.launcher.runs`` writes it beside
+    the run), for stages that read its text again: distillation, compression's validation."""
+    return pretrained.parents[1] / "corpus"
+
+
+@pytest.fixture(scope="session")
 def neo_pretrained(tmp_path_factory, shared_data) -> Path:
     """A parent whose tokenizer pads with its end-of-text token, as brought tokenizers without
     a pad token do: GPT-Neo's (50k tokens, with an unused ``<|padding|>``) with

@@ -23,12 +23,11 @@ VARIANTS = ["int8-weight", "int8-dynamic", "unstructured", "ffn"]
 
 
 @pytest.fixture(scope="module")
-def compressed(tmp_path_factory, pretrained) -> Path:
+def compressed(tmp_path_factory, pretrained, pretrained_corpus) -> Path:
     """The run directory of the compress stage on ``pretrained`` (the corpus it trained on)."""
     root = tmp_path_factory.mktemp("compress")
-    corpus = pretrained.parents[1] / "corpus"  # tests.launcher.runs puts the corpus there
     command = [sys.executable, "-m", "launcher", "compress", str(RECIPE), f"run.output_dir={root}",
-               f"init.path={pretrained}", f"data.builtin.dir={corpus}"]  # fmt: skip
+               f"init.path={pretrained}", f"data.builtin.dir={pretrained_corpus}"]  # fmt: skip
     started = time.monotonic()
     done = subprocess.run(command, cwd=root, env=env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -95,7 +94,9 @@ def test_the_pruned_exports_load_with_plain_transformers(compressed, pretrained)
     print({k: round(r["bits_per_byte"], 4) for k, r in table.items()})
 
 
-def test_50_recovery_steps_keep_the_zeros_and_stay_near_the_original(compressed, pretrained):
+def test_50_recovery_steps_keep_the_zeros_and_stay_near_the_original(
+    compressed, pretrained, pretrained_corpus
+):
     """`kiln distill` from the 50%-pruned export (init.path, init.keep_zeros, ZeRO-2: fp32
     master copies) with the original as teacher: the pruned weights are still exactly 0."""
     from safetensors.torch import load_file
@@ -108,7 +109,7 @@ def test_50_recovery_steps_keep_the_zeros_and_stay_near_the_original(compressed,
     command = [sys.executable, "-m", "launcher", "distill",
                str(CONFIG_ROOT / "finetune" / "distill-tiny.yaml"), "--nproc", "1",
                f"run.output_dir={root}", "run.name=recover",
-               f"data.builtin.dir={pretrained.parents[1] / 'corpus'}", f"teacher.path={pretrained}",
+               f"data.builtin.dir={pretrained_corpus}", f"teacher.path={pretrained}",
                f"init.path={sparse}", "init.keep_zeros=true", *QUIET, "train.max_steps=50",
                "schedule.warmup_steps=5", "eval.every=50", "checkpoint.every=null",
                "dist.zero_stage=2"]  # fmt: skip

@@ -13,9 +13,8 @@ from .test_distill_runs import distill
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def test_zero3_on_two_ranks_gives_the_zero0_losses(tmp_path, pretrained):
-    corpus = pretrained.parents[1] / "corpus"  # tests.launcher.runs puts the corpus there
-    first5 = ["train.stop_after=5", f"data.builtin.dir={corpus}"]
+def test_zero3_on_two_ranks_gives_the_zero0_losses(tmp_path, pretrained, pretrained_corpus):
+    first5 = ["train.stop_after=5", f"data.builtin.dir={pretrained_corpus}"]
     distill(tmp_path, "zero0", pretrained, *first5)
     distill(tmp_path, "zero3", pretrained, *first5, "dist.zero_stage=3",
             "data.num_workers=1", nproc=2)  # fmt: skip
