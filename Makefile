@@ -47,13 +47,14 @@ lint: setup
 
 # Everything CI runs: lint, then every test (slow and multi-process ones included), in two
 # passes. In-process and one-process tests on 2 pytest-xdist workers, one core each (a test
-# module stays on one worker, so its fixtures are built once); then, one at a time, the
+# module stays on one worker, so its fixtures are built once; modules in collection order, where
+# tests/conftest.py puts the long fixture chains first); then, one at a time, the
 # multi-process runs (2 ranks already take both cores, and their signals and kills are
 # timed) and the tests with a wall-clock limit. The second pass runs even when the first
 # failed, so that one run reports every failure; make fails if either did.
 test: lint
 	status=0; \
-	$(BIN)/python -m pytest -m "not distributed and not serial" -n 2 --dist loadfile || status=1; \
+	$(BIN)/python -m pytest -m "not distributed and not serial" -n 2 --dist loadfile --no-loadscope-reorder || status=1; \
 	$(BIN)/python -m pytest -m "distributed or serial" || status=1; \
 	exit $$status
 

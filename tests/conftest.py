@@ -51,3 +51,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ in serial and not item.get_closest_marker("serial"):
             item.add_marker(pytest.mark.serial)
+    # pytest-xdist's --dist loadfile hands out modules in collection order (`make test` turns
+    # off its reordering by test count): a module that is one long fixture chain (minutes on
+    # one worker) starts first, or it is the pass's tail while the other worker idles
+    items.sort(key=lambda item: item.get_closest_marker("long_chain") is None)

@@ -98,23 +98,21 @@ def test_50_recovery_steps_keep_the_zeros_and_stay_near_the_original(
     compressed, pretrained, pretrained_corpus
 ):
     """`kiln distill` from the 50%-pruned export (init.path, init.keep_zeros, ZeRO-2: fp32
-    master copies) with the original as teacher: the pruned weights are still exactly 0."""
+    master copies) with the original as teacher, the stage run in this process: the pruned
+    weights are still exactly 0."""
     from safetensors.torch import load_file
 
-    from tests.launcher.runs import QUIET, metrics
+    from tests.launcher.runs import metrics
+
+    from .distill_fixtures import distill_here
 
     sparse = compressed / "variants" / "unstructured"
     start = load_file(str(sparse / "model.safetensors"))
     root = compressed.parent
-    command = [sys.executable, "-m", "launcher", "distill",
-               str(CONFIG_ROOT / "finetune" / "distill-tiny.yaml"), "--nproc", "1",
-               f"run.output_dir={root}", "run.name=recover",
-               f"data.builtin.dir={pretrained_corpus}", f"teacher.path={pretrained}",
-               f"init.path={sparse}", "init.keep_zeros=true", *QUIET, "train.max_steps=50",
-               "schedule.warmup_steps=5", "eval.every=50", "checkpoint.every=null",
-               "dist.zero_stage=2"]  # fmt: skip
-    done = subprocess.run(command, cwd=root, env=env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    distill_here(root, "recover", pretrained, f"data.builtin.dir={pretrained_corpus}",
+                 f"init.path={sparse}", "init.keep_zeros=true", "train.max_steps=50",
+                 "schedule.warmup_steps=5", "eval.every=50", "checkpoint.every=null",
+                 "dist.zero_stage=2")  # fmt: skip
     after = load_file(str(root / "recover" / "hf" / "model.safetensors"))
     pruned = [k for k, v in start.items() if v.ndim == 2 and "embed" not in k]
     zeros = sum(int((start[k] == 0).sum()) for k in pruned)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from ..launcher.runs import losses, world_sizes
-from .test_distill_runs import distill
+from .distill_fixtures import distill
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
