@@ -75,7 +75,7 @@ def teacher_before(teacher) -> dict[str, torch.Tensor]:
 def distilled(root, teacher, teacher_before) -> dict[str, float]:
     """200 steps of distillation, ZeRO-0 on 1 process; its metrics' last evaluation."""
     started = time.monotonic()
-    distill_here(root, "distilled", teacher, "checkpoint.keep_last=2")  # step 100: the resume
+    distill_here(root, "distilled", teacher)
     print(f"200 distillation steps: {time.monotonic() - started:.0f} s")
     return [m for m in metrics(root, "distilled") if "eval/bits_per_byte" in m][-1]
 
@@ -89,14 +89,21 @@ def test_distillation_beats_the_same_student_trained_without_a_teacher(root, tea
     assert ours <= 0.99 * theirs
 
 
-def test_a_resume_from_step_100_gives_the_uninterrupted_losses(root, teacher, distilled):
-    # from the run's own step-100 checkpoint (what a stop at 100 saves: the same save), so
-    # only the second half trains again
-    step100 = root / "distilled" / "checkpoints" / "step-00000100"
-    distill_here(root, "half", teacher, f"checkpoint.resume={step100}")
+def test_a_stop_after_100_steps_then_a_resume_gives_the_uninterrupted_losses(
+    root, teacher, distilled
+):
+    """``train.stop_after=100`` saves step 100 and marks the run preempted, without an
+    export; running it again resumes there (``checkpoint.resume: auto``) and ends where the
+    uninterrupted run ended, loss for loss."""
+    distill_here(root, "half", teacher, "train.stop_after=100")
+    assert [p.name for p in (root / "half" / "checkpoints").glob("step-*")] == ["step-00000100"]
+    assert not (root / "half" / "hf").exists()
+    assert sorted(losses(root, "half")) == list(range(1, 101))
+    distill_here(root, "half", teacher)
     resumed, full = losses(root, "half"), losses(root, "distilled")
-    assert sorted(resumed) == list(range(101, 201)) and sorted(full) == list(range(1, 201))
+    assert sorted(resumed) == sorted(full) == list(range(1, 201))
     assert max(abs(resumed[s] - full[s]) for s in resumed) == 0.0
+    assert (root / "half" / "hf" / "model.safetensors").is_file()
 
 
 def test_a_resume_against_a_changed_teacher_is_refused_naming_it(root, teacher, distilled):
