@@ -51,7 +51,16 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ in serial and not item.get_closest_marker("serial"):
             item.add_marker(pytest.mark.serial)
+
     # pytest-xdist's --dist loadfile hands out modules in collection order (`make test` turns
     # off its reordering by test count): a module that is one long fixture chain (minutes on
-    # one worker) starts first, or it is the pass's tail while the other worker idles
-    items.sort(key=lambda item: item.get_closest_marker("long_chain") is None)
+    # one worker) starts first, or it is the pass's tail while the other worker idles; a
+    # `late` one last (it uses what a long chain builds, without waiting for it)
+    def when(item) -> int:
+        return (
+            0
+            if item.get_closest_marker("long_chain")
+            else (2 if item.get_closest_marker("late") else 1)
+        )
+
+    items.sort(key=when)

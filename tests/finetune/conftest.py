@@ -15,6 +15,7 @@ import pytest
 from launcher.config import CONFIG_ROOT
 from tests.launcher.runs import run
 
+from .distill_fixtures import shared_teacher
 from .sft_fixtures import run_sft, write_format_task
 
 PRETRAIN_STEPS = 40
@@ -42,6 +43,13 @@ def pretrained_corpus(pretrained) -> Path:
     """The built-in corpus ``pretrained`` trained on (``tests.launcher.runs`` writes it beside
     the run), for stages that read its text again: distillation, compression's validation."""
     return pretrained.parents[1] / "corpus"
+
+
+@pytest.fixture(scope="session")
+def distill_teacher(tmp_path_factory) -> Path:
+    """The distillation tests' teacher (``distill_fixtures.shared_teacher``): ``runs/teacher/hf``
+    under a root whose ``corpus/`` it trained on, once per session."""
+    return shared_teacher(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

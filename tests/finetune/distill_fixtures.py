@@ -4,9 +4,13 @@ and in-process ones (the stage's own entry points, for the learning checks)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from filelock import FileLock
 
 from finetune.distill import DistillTask
 from finetune.distill_config import DistillConfig
@@ -19,6 +23,7 @@ from pretrain.train import pretrain
 from ..launcher.runs import QUIET, TINY, env
 
 RECIPE = str(CONFIG_ROOT / "finetune" / "distill-tiny.yaml")
+TEACHER_STEPS = 800
 STUDENT = [  # the recipe's student, for the plain pretraining run
     "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
     "model.ffn_size=176", "model.max_seq_len=512", "model.vocab_size=2048",
@@ -75,3 +80,36 @@ def pretrain_here(root: Path, name: str, *overrides: str) -> dict[str, float]:
          *QUIET, "data.num_workers=0", *overrides],
     )  # fmt: skip
     return pretrain(cfg)
+
+
+def shared_teacher(tmp_path_factory) -> Path:
+    """``<root>/teacher/hf``: the tiny decoder pretrained for 800 steps on ``<root>/corpus``,
+    trained once per test session: under pytest-xdist the worker that gets here first trains
+    it (holding a file lock in the directory every worker of the session shares) and the
+    others wait for it, so the two modules that distil from it can run on both workers.
+
+    Why 800 steps: a teacher better than the student can become alone in 200 steps (the
+    session's 40-step parent is not: 2.33 bits per byte, near the unigram 2.41, against
+    1.72-1.86 for the student alone, by data order), and near enough to the end of what its
+    size learns here (0.68 bits per byte at 600 steps, 0.63 at 800, 0.59 at 1000) that 100
+    steps of recovery after pruning are recovery, not more training: distilled minus plain
+    after the FFN recovery (test_distill_recovery.py), -0.0012 bits per byte from a 600-step
+    teacher (-0.0001 at learning rate 2e-4, -0.0013 at 1e-3), -0.0037 from an 800- or a
+    1000-step one (800: 30 s less on one thread)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the session's workers (each has its own basetemp)
+    root = base / "distill-teacher"
+    hf = root / "teacher" / "hf"
+    with FileLock(f"{root}.lock"):
+        if not hf.is_dir():  # the export is renamed into place only when complete
+            started = time.monotonic()
+            # ZeRO-0: one process has nothing to shard, and ZeRO-2's bucketing costs time per
+            # step (0.17 s and 0.005 s optimizer under ZeRO-0, 0.18 s and 0.010 s under
+            # ZeRO-2); micro batch 8, no accumulation (1000 steps: 109 s, not 122); a batch
+            # of 16 for 500 steps is no faster and teaches less (0.60)
+            pretrain_here(root, "teacher", f"train.max_steps={TEACHER_STEPS}",
+                          "train.micro_batch_size=8", "checkpoint.every=null",
+                          "eval.every=null", "dist.zero_stage=0")  # fmt: skip
+            print(f"{TEACHER_STEPS}-step teacher: {time.monotonic() - started:.0f} s")
+    return hf

@@ -1,10 +1,13 @@
-"""Real `kiln distill` runs from a tiny decoder pretrained in the module (the teacher) into a
-2-layer x 64 student (`configs/finetune/distill-tiny.yaml`): it beats the same student trained
-without a teacher on validation bits per byte, resumes exactly, never changes the teacher,
-refuses a resume against a changed one, and exports through `kiln export` what the run
-exported. Every run is the stage's own entry point in this process (one process per run is
-what a launch adds: ~8 s of imports each, six runs here), so the module runs beside others in
-the parallel pass; the launched stage, ZeRO-3 on 2 ranks, is `test_distill_zero3.py`."""
+"""Real `kiln distill` runs from a tiny decoder pretrained in the test session (the teacher,
+`distill_fixtures.shared_teacher`) into a 2-layer x 64 student
+(`configs/finetune/distill-tiny.yaml`): it beats the same student trained without a teacher on
+validation bits per byte, stops and resumes exactly, never changes the teacher, refuses a
+resume against a changed one, is measured beside its teacher by `kiln compress`, and
+`kiln export` of its checkpoint is what the run exported. Every run is the stage's own entry
+point in this process (a launch adds ~8 s of imports per run), so the module runs in the
+parallel pass; the launched stage, ZeRO-3 on 2 ranks, is `test_distill_zero3.py`, and the
+recovery of an FFN-pruned teacher `test_distill_recovery.py` (the other worker, same teacher).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune.compress import Compressor, load
+from finetune.compress import compress
 from finetune.compress_config import CompressConfig
-from finetune.compress_measure import bits_per_byte
 from finetune.distill import export_checkpoint
 from launcher.checkpoint import CheckpointError
 from launcher.config import CONFIG_ROOT, load_config
@@ -27,7 +29,6 @@ from ..launcher.runs import losses, metrics
 from .distill_fixtures import HERE, STUDENT, distill_here, pretrain_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.long_chain]
-TEACHER_STEPS = 800
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -38,32 +39,14 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("distill")
+def teacher(distill_teacher) -> Path:
+    return distill_teacher
 
 
 @pytest.fixture(scope="module")
-def teacher(root) -> Path:
-    """The tiny decoder pretrained for 800 steps on the module's corpus: a teacher better than
-    the student can become alone in 200 steps (the session's 40-step parent is not: 2.33 bits
-    per byte, near the unigram 2.41, against 1.72-1.86 for the student alone, by data order),
-    and near enough to the end of what its size learns here (0.68 bits per byte at 600 steps,
-    0.63 at 800, 0.59 at 1000) that 100 steps of recovery after pruning are recovery, not more
-    training: distilled minus plain after the FFN recovery below, -0.0012 bits per byte from a
-    600-step teacher, -0.0037 from an 800- or a 1000-step one (800: 30 s less on one thread).
-    (Recovery settings tried on the 800-step teacher: alpha 1, distillation alone, +0.0040,
-    worse than plain, which still learns from the data what the teacher never did; T = 2,
-    -0.0024; the recipe's alpha 0.5 at T = 1 kept.)"""
-    started = time.monotonic()
-    # ZeRO-0: one process has nothing to shard, and ZeRO-2's bucketing costs time per step
-    # (60 tiny steps alone on the machine: 0.18 s forward+backward and 0.010 s optimizer under
-    # ZeRO-2, 0.17 s and 0.005 s under ZeRO-0); micro batch 8, no accumulation (1000 steps:
-    # 109 s, not 122); a batch of 16 for 500 steps is no faster and teaches less (0.60)
-    pretrain_here(root, "teacher", f"train.max_steps={TEACHER_STEPS}",
-                  "train.micro_batch_size=8", "checkpoint.every=null", "eval.every=null",
-                  "dist.zero_stage=0")  # fmt: skip
-    print(f"{TEACHER_STEPS}-step teacher: {time.monotonic() - started:.0f} s")
-    return root / "teacher" / "hf"
+def root(teacher) -> Path:
+    """Where the teacher's run and corpus are; this module's runs go beside them."""
+    return teacher.parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,43 +101,26 @@ def test_a_resume_against_a_changed_teacher_is_refused_naming_it(root, teacher, 
     assert "teacher.path" in str(refused.value) and str(changed) in str(refused.value)
 
 
-def test_distillation_recovers_an_ffn_pruned_model_better_than_plain_training(root, teacher):
-    """The compress stage's `ffn` variant of the teacher (25% of its MLP channels removed,
-    ranked by activation; made and scored as `kiln compress` makes and scores it, in this
-    process); then 100 steps from that export, distilled from the unpruned teacher against
-    plain next-token training (``distill.alpha=0``: the same loop, start, data order and
-    learning rate, no teacher term). Distillation recovers more: its bits per byte minus the
-    original's is the lower (both runs may end below the original: a few more steps at a low
-    learning rate still teach even an 800-step model something)."""
-    from transformers import AutoModelForCausalLM
-
+def test_the_compress_table_measures_the_distilled_student_beside_its_teacher(
+    root, teacher, distilled
+):
+    """`kiln compress` (the stage's entry point in this process; each model measured in a
+    fresh process) with the teacher as the original and the distilled student as a
+    ``compare`` row: both scored on the held-out documents the runs evaluate on."""
     cfg = load_config(
         CompressConfig, CONFIG_ROOT / "compress" / "tiny.yaml",
-        [f"run.output_dir={root}", "run.name=ffn", f"init.path={teacher}",
-         f"data.builtin.dir={root / 'corpus'}", "variants=[ffn]"],
+        [f"run.output_dir={root}", "run.name=table", f"init.path={teacher}",
+         f"data.builtin.dir={root / 'corpus'}", "variants=[]",
+         f"compare.distilled={root / 'distilled' / 'hf'}"],
     )  # fmt: skip
-    job = Compressor(cfg)
-    pruned = root / "ffn" / "variants" / "ffn"
-    job.make("ffn", pruned)
-    scored = job.inputs()
-    original, start = (
-        bits_per_byte(load(folder), scored["batches"], scored["text_bytes"])
-        for folder in (teacher, pruned)
-    )
-    width = load(teacher).config.intermediate_size
-    assert AutoModelForCausalLM.from_pretrained(pruned).config.intermediate_size == 0.75 * width
-    recover = [f"init.path={pruned}", "train.max_steps=100", "eval.every=100",
-               "checkpoint.every=null", "optim.lr=5e-4"]  # fmt: skip
-    distill_here(root, "ffn-distilled", teacher, *recover)
-    distill_here(root, "ffn-plain", teacher, *recover, "distill.alpha=0")
-    ours, plain = (
-        [m for m in metrics(root, name) if "eval/bits_per_byte" in m][-1]["eval/bits_per_byte"]
-        for name in ("ffn-distilled", "ffn-plain")
-    )
-    print(f"bits per byte: original {original:.4f}, 25% of FFN channels pruned {start:.4f}; "
-          f"after 100 steps distilled {ours:.4f}, plain {plain:.4f}")  # fmt: skip
-    assert ours - original < plain - original
-    assert ours < start  # it did recover
+    table = compress(cfg)["models"]
+    assert list(table) == ["original", "distilled"]
+    assert "| distilled |" in (root / "table" / "compress.md").read_text()
+    taught = [m for m in metrics(root, "teacher") if "eval/bits_per_byte" in m][-1]
+    for label, run in (("original", taught), ("distilled", distilled)):
+        assert table[label]["bits_per_byte"] == pytest.approx(run["eval/bits_per_byte"], abs=1e-4)
+    assert table["distilled"]["parameters"] < table["original"]["parameters"] / 2
+    assert {r["class"] for r in table.values()} == {"LlamaForCausalLM"}
 
 
 def test_the_teacher_is_never_changed_and_kiln_export_is_the_runs_export(
