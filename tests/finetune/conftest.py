@@ -100,11 +100,11 @@ class GenreRun:
 
 
 @pytest.fixture(scope="session")
-def genre_classifier(tmp_path_factory, pretrained) -> GenreRun:
+def genre_classifier(tmp_path_factory, pretrained, pretrained_corpus) -> GenreRun:
     """The classification link of the chain, run once: its own test asserts the recipe's
     quality; the compress stage's classifier test quantizes it."""
     root = tmp_path_factory.mktemp("genre")
-    corpus = pretrained.parent.parent / "corpus"
+    corpus = pretrained_corpus
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     started = time.time()
     done = subprocess.run(

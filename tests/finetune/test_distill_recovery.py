@@ -32,8 +32,6 @@ def test_distillation_recovers_an_ffn_pruned_model_better_than_plain_training(di
     800-step teacher: alpha 1 (distillation alone) +0.0040, worse than plain, which still
     learns from the data what the teacher never did; T = 2, -0.0024; the recipe's alpha 0.5
     at T = 1, -0.0037, kept."""
-    from transformers import AutoModelForCausalLM
-
     teacher = distill_teacher
     root = teacher.parents[1]  # the teacher's corpus is there; the runs go beside it
     cfg = load_config(
@@ -45,12 +43,12 @@ def test_distillation_recovers_an_ffn_pruned_model_better_than_plain_training(di
     pruned = root / "ffn" / "variants" / "ffn"
     job.make("ffn", pruned)
     scored = job.inputs()
+    unpruned, smaller = load(teacher), load(pruned)  # AutoModelForCausalLM, fp32
+    assert smaller.config.intermediate_size == 0.75 * unpruned.config.intermediate_size
     original, start = (
-        bits_per_byte(load(folder), scored["batches"], scored["text_bytes"])
-        for folder in (teacher, pruned)
+        bits_per_byte(model, scored["batches"], scored["text_bytes"])
+        for model in (unpruned, smaller)
     )
-    width = load(teacher).config.intermediate_size
-    assert AutoModelForCausalLM.from_pretrained(pruned).config.intermediate_size == 0.75 * width
     recover = [f"init.path={pruned}", "train.max_steps=100", "eval.every=100",
                "checkpoint.every=null", "optim.lr=5e-4"]  # fmt: skip
     distill_here(root, "ffn-distilled", teacher, *recover)
