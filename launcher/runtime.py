@@ -9,6 +9,7 @@ explicitly and then checks that the world it got is the world the config was val
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -20,6 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: this module's collectives take
+# `group=group.WORLD` as a default argument, evaluated at import. Imported later (torch._dynamo
+# pulls it in lazily, mid-run), every default binds the run's world group, which then outlives
+# `destroy_process_group()` to the interpreter's shutdown, where its gloo worker threads abort
+# the finished process (SIGABRT, "terminate called without an active exception").
+import torch.distributed.nn.functional  # see above: before any init_process_group
 
 from launcher.config import CONFIG_ROOT
 from launcher.run_config import RunConfig
@@ -77,7 +85,16 @@ class Runtime:
 
     def close(self) -> None:
         """Leave the process group and forget Accelerate's process-wide state, so that
-        another run can start in this process (tests, notebooks)."""
+        another run can start in this process (tests, notebooks).
+
+        The process groups must die here, while the interpreter is whole: one that survives to
+        shutdown is torn down with its gloo threads still running, and the process aborts
+        after a finished run. The engines hold the groups, and the run's engines, optimizer
+        and task sit in reference cycles that only a collection frees: the Accelerator lets go
+        of its engine, and the cycles are collected before the groups are destroyed."""
+        with contextlib.suppress(Exception):  # an interrupted setup may have prepared nothing
+            self.accelerator.free_memory()
+        gc.collect()
         _forget_accelerate_state()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -104,20 +104,26 @@ def run(cfg: RunConfig) -> None:
     runtime = build_runtime(cfg)
     try:
         assert runtime.world_size == cfg.dist.num_processes
-        trainer = Trainer(cfg, runtime, Toy(cfg, runtime), default_callbacks(cfg))
-        trainer.setup()
-        seen, step = [], trainer.optimizer.step
-
-        def recording_step(*args, **kwargs):  # ZeRO-0: the all-reduced, accumulated grads
-            seen.append([p.grad.flatten().tolist() for p in trainer.engine.module.parameters()])
-            return step(*args, **kwargs)
-
-        trainer.optimizer.step = recording_step
-        trainer.fit()
+        seen = train(cfg, runtime)
         if runtime.is_main:
             (cfg.run_dir / "grads.json").write_text(json.dumps(seen))
     finally:
-        runtime.close()
+        runtime.close()  # as `run_stage`: the trainer is out of scope, its engine collectable
+
+
+def train(cfg: RunConfig, runtime) -> list:
+    """Each step's all-reduced, accumulated gradients (ZeRO-0), as the optimizer sees them."""
+    trainer = Trainer(cfg, runtime, Toy(cfg, runtime), default_callbacks(cfg))
+    trainer.setup()
+    seen, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([p.grad.flatten().tolist() for p in trainer.engine.module.parameters()])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.fit()
+    return seen
 
 
 def reference() -> tuple[list, list]:

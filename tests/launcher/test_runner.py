@@ -4,6 +4,7 @@ all (a kill during the export leaves no ``hf/``; the next launch exports), with
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -102,6 +103,27 @@ def test_a_stage_started_from_a_parent_records_it(tmp_path, with_parent):
     for manifest in manifests:
         meta = json.loads(manifest.read_text())["meta"]
         assert meta["parent"] == {k: lineage["parent"][k] for k in ("path", "weights")}
+
+
+def communication_threads() -> set[int]:
+    """This process's threads of gloo and of the c10d store (Linux names them in /proc)."""
+    tasks = Path("/proc/self/task")
+    names = {int(t.name): (t / "comm").read_text().strip() for t in tasks.iterdir()}
+    return {tid for tid, name in names.items() if "gloo" in name or "tcpstore" in name}
+
+
+def test_a_finished_stage_leaves_no_process_group_behind(tmp_path):
+    """The run's process groups die in `Runtime.close()`, not at interpreter shutdown: one
+    that lives to shutdown is torn down with its gloo threads running, and a finished run's
+    process aborts (SIGABRT, "terminate called without an active exception"; seen once in
+    ~40 2-rank runs). Before the fix, DeepSpeed's engine (in reference cycles, and held by
+    the Accelerator) and `torch.distributed.nn.functional`'s defaults (bound to the world
+    group when torch._dynamo imports it mid-run) kept the world group and its 7 threads."""
+    gc.collect()
+    before = communication_threads()
+    run_stage(stage_config(tmp_path), ExportingToy)
+    assert (tmp_path / "stage" / "hf" / "model.safetensors").exists()
+    assert communication_threads() - before == set()
 
 
 if __name__ == "__main__":
