@@ -51,9 +51,12 @@ lint: setup
 # tests/conftest.py puts the long fixture chains first); then, one at a time, the
 # multi-process runs (2 ranks already take both cores, and their signals and kills are
 # timed) and the tests with a wall-clock limit. The second pass runs even when the first
-# failed, so that one run reports every failure; make fails if either did.
+# failed, so that one run reports every failure; make fails if either did. Both passes share
+# one KILN_TEST_SHARED directory (removed after): the fixtures that both need (the pretrained
+# parent, the genre classifier) are built once, not once per worker and pass (tests/shared_dirs.py).
 test: lint
-	status=0; \
+	shared=$$(mktemp -d -t kiln-test-shared.XXXXXX); trap 'rm -rf "$$shared"' EXIT; \
+	export KILN_TEST_SHARED="$$shared"; status=0; \
 	$(BIN)/python -m pytest -m "not distributed and not serial" -n 2 --dist loadfile --no-loadscope-reorder || status=1; \
 	$(BIN)/python -m pytest -m "distributed or serial" || status=1; \
 	exit $$status

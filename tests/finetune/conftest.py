@@ -3,6 +3,7 @@ session by the real pretraining stage (1 process) and exported as a plain HF dir
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from launcher.config import CONFIG_ROOT
 from tests.launcher.runs import run
 
+from ..shared_dirs import built_once
 from .distill_fixtures import shared_teacher
 from .sft_fixtures import run_sft, write_format_task
 
@@ -23,17 +25,14 @@ PRETRAIN_STEPS = 40
 
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory) -> Path:
-    """``runs/parent/hf``: model weights, config.json, tokenizer files and kiln.json."""
-    root = tmp_path_factory.mktemp("parent")
-    run(
-        root,
-        "parent",
-        f"train.max_steps={PRETRAIN_STEPS}",
-        "checkpoint.every=null",
-        "metrics.log_every=10",
-        nproc=1,
-    )
-    hf = root / "parent" / "hf"
+    """``parent/parent/hf``: model weights, config.json, tokenizer files and kiln.json;
+    built once per `make test` (``tests/shared_dirs.py``)."""
+
+    def build(root: Path) -> None:
+        run(root, "parent", f"train.max_steps={PRETRAIN_STEPS}", "checkpoint.every=null",
+            "metrics.log_every=10", nproc=1)  # fmt: skip
+
+    hf = built_once(tmp_path_factory, "parent", build) / "parent" / "hf"
     assert (hf / "config.json").exists() and (hf / "tokenizer.json").exists()
     return hf
 
@@ -101,19 +100,24 @@ class GenreRun:
 
 @pytest.fixture(scope="session")
 def genre_classifier(tmp_path_factory, pretrained, pretrained_corpus) -> GenreRun:
-    """The classification link of the chain, run once: its own test asserts the recipe's
-    quality; the compress stage's classifier test quantizes it."""
-    root = tmp_path_factory.mktemp("genre")
-    corpus = pretrained_corpus
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    started = time.time()
-    done = subprocess.run(
-        [sys.executable, "-m", "launcher", "classify",
-         str(CONFIG_ROOT / "finetune" / "classify-tiny.yaml"), f"run.output_dir={root}",
-         f"init.path={pretrained}", f"data.train.0.paths=[{corpus}/shard-*.jsonl.gz]",
-         "metrics.wandb=false", "metrics.progress_bar=false"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    seconds = time.time() - started
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return GenreRun(root / "classify-tiny", corpus, seconds)
+    """The classification link of the chain, run once per `make test` (``tests/shared_dirs.py``):
+    its own test asserts the recipe's quality; the compress stage's classifier test quantizes
+    it."""
+
+    def build(root: Path) -> None:
+        env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+        shards = f"{pretrained_corpus}/shard-*.jsonl.gz"
+        started = time.time()
+        done = subprocess.run(
+            [sys.executable, "-m", "launcher", "classify",
+             str(CONFIG_ROOT / "finetune" / "classify-tiny.yaml"), f"run.output_dir={root}",
+             f"init.path={pretrained}", f"data.train.0.paths=[{shards}]",
+             "metrics.wandb=false", "metrics.progress_bar=false"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (root / "seconds.json").write_text(json.dumps(time.time() - started))
+
+    root = built_once(tmp_path_factory, "genre", build)
+    seconds = json.loads((root / "seconds.json").read_text())
+    return GenreRun(root / "classify-tiny", pretrained_corpus, seconds)

@@ -5,13 +5,10 @@ distil from, trained once per test session."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-from filelock import FileLock
 
 from finetune.distill import DistillTask
 from finetune.distill_config import DistillConfig
@@ -22,6 +19,7 @@ from pretrain.prepare import prepare_inputs
 from pretrain.train import pretrain
 
 from ..launcher.runs import QUIET, TINY, env
+from ..shared_dirs import built_once
 
 RECIPE = str(CONFIG_ROOT / "finetune" / "distill-tiny.yaml")
 TEACHER_STEPS = 800
@@ -85,9 +83,9 @@ def pretrain_here(root: Path, name: str, *overrides: str) -> dict[str, float]:
 
 def shared_teacher(tmp_path_factory) -> Path:
     """``<root>/teacher/hf``: the tiny decoder pretrained for 800 steps on ``<root>/corpus``,
-    trained once per test session: under pytest-xdist the worker that gets here first trains
-    it (holding a file lock in the directory every worker of the session shares) and the
-    others wait for it, so the two modules that distil from it can run on both workers.
+    trained once (``tests/shared_dirs.py``): under pytest-xdist the worker that gets here first
+    trains it and the other waits for it, so the two modules that distil from it can run on
+    both workers.
 
     Why 800 steps: a teacher better than the student can become alone in 200 steps (the
     session's 40-step parent is not: 2.33 bits per byte, near the unigram 2.41, against
@@ -97,20 +95,16 @@ def shared_teacher(tmp_path_factory) -> Path:
     after the FFN recovery (test_distill_recovery.py), -0.0012 bits per byte from a 600-step
     teacher (-0.0001 at learning rate 2e-4, -0.0013 at 1e-3), -0.0037 from an 800- or a
     1000-step one (800: 30 s less on one thread)."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # shared by the session's workers (each has its own basetemp)
-    root = base / "distill-teacher"
-    hf = root / "teacher" / "hf"
-    with FileLock(f"{root}.lock"):
-        if not hf.is_dir():  # the export is renamed into place only when complete
-            started = time.monotonic()
-            # ZeRO-0: one process has nothing to shard, and ZeRO-2's bucketing costs time per
-            # step (0.17 s and 0.005 s optimizer under ZeRO-0, 0.18 s and 0.010 s under
-            # ZeRO-2); micro batch 8, no accumulation (1000 steps: 109 s, not 122); a batch
-            # of 16 for 500 steps is no faster and teaches less (0.60)
-            pretrain_here(root, "teacher", f"train.max_steps={TEACHER_STEPS}",
-                          "train.micro_batch_size=8", "checkpoint.every=null",
-                          "eval.every=null", "dist.zero_stage=0")  # fmt: skip
-            print(f"{TEACHER_STEPS}-step teacher: {time.monotonic() - started:.0f} s")
-    return hf
+
+    def build(root: Path) -> None:
+        started = time.monotonic()
+        # ZeRO-0: one process has nothing to shard, and ZeRO-2's bucketing costs time per
+        # step (0.17 s and 0.005 s optimizer under ZeRO-0, 0.18 s and 0.010 s under
+        # ZeRO-2); micro batch 8, no accumulation (1000 steps: 109 s, not 122); a batch
+        # of 16 for 500 steps is no faster and teaches less (0.60)
+        pretrain_here(root, "teacher", f"train.max_steps={TEACHER_STEPS}",
+                      "train.micro_batch_size=8", "checkpoint.every=null",
+                      "eval.every=null", "dist.zero_stage=0")  # fmt: skip
+        print(f"{TEACHER_STEPS}-step teacher: {time.monotonic() - started:.0f} s")
+
+    return built_once(tmp_path_factory, "distill-teacher", build) / "teacher" / "hf"
