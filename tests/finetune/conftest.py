@@ -1,5 +1,6 @@
-"""The parent every fine-tuning test starts from: the tiny decoder, pretrained once per test
-session by the real pretraining stage (1 process) and exported as a plain HF directory."""
+"""The parent every fine-tuning test starts from: the tiny decoder, pretrained once per `make
+test` (``tests/shared_dirs.py``) by the real pretraining stage (1 process) and exported as a
+plain HF directory; and the fixtures built on it."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def pretrained_corpus(pretrained) -> Path:
 @pytest.fixture(scope="session")
 def distill_teacher(tmp_path_factory) -> Path:
     """The distillation tests' teacher (``distill_fixtures.shared_teacher``): ``runs/teacher/hf``
-    under a root whose ``corpus/`` it trained on, once per session."""
+    under a root whose ``corpus/`` it trained on, once per `make test`."""
     return shared_teacher(tmp_path_factory)
 
 

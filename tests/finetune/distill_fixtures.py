@@ -1,7 +1,7 @@
 """Runs of `kiln distill` (configs/finetune/distill-tiny.yaml) for the distillation tests: a
 launched one (`python -m launcher distill ... --nproc N`, what users run, for the ZeRO-3 check),
 in-process ones (the stages' own entry points, for the learning checks), and the teacher they
-distil from, trained once per test session."""
+distil from, trained once per `make test` (``tests/shared_dirs.py``)."""
 
 from __future__ import annotations
 
