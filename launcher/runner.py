@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def run_stage(
         runtime = build_runtime(cfg, log_with="wandb" if wandb else None)
         try:
             return _run(cfg, runtime, make_task, prepare, callbacks, parent)
+        except BaseException as failure:
+            # The traceback's frames hold the trainer, and through it the engines and their
+            # process groups: cleared, close() can free the groups of a failed run as well
+            # (one that outlives close() aborts the process at exit, see Runtime.close).
+            traceback.clear_frames(failure.__traceback__)
+            raise
         finally:
             runtime.close()  # leave the process group: another run may follow in-process
 

@@ -126,6 +126,28 @@ def test_a_finished_stage_leaves_no_process_group_behind(tmp_path):
     assert communication_threads() - before == set()
 
 
+class FailingToy(ExportingToy):
+    """Fails in the second step's first micro-batch (4 micro-batches a step)."""
+
+    calls = 0
+
+    def loss(self, model, batch) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 5:
+            raise ValueError("a bad batch at step 2")
+        return super().loss(model, batch)
+
+
+def test_a_failed_stage_leaves_no_process_group_behind_and_says_why(tmp_path):
+    """The same for a run that fails mid-training: the error reaches the caller as raised,
+    and the traceback's frames (which held the trainer and its engine) let the groups go."""
+    gc.collect()
+    before = communication_threads()
+    with pytest.raises(ValueError, match="a bad batch at step 2"):
+        run_stage(stage_config(tmp_path), FailingToy)
+    assert communication_threads() - before == set()
+
+
 if __name__ == "__main__":
     run_stage(stage_config(Path(sys.argv[1])), ExportingToy)
 
