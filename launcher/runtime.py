@@ -92,7 +92,8 @@ class Runtime:
         after a finished run. The engines hold the groups, and the run's engines, optimizer
         and task sit in reference cycles that only a collection frees: the Accelerator lets go
         of its engine, and the cycles are collected before the groups are destroyed."""
-        # close() runs in `finally` blocks: an error freeing the engine must not mask the run's
+        # close() runs in `finally` blocks: an error while freeing the engine must not mask
+        # the error of the run itself
         with contextlib.suppress(Exception):
             self.accelerator.free_memory()
         gc.collect()
