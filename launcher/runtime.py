@@ -93,9 +93,11 @@ class Runtime:
         and task sit in reference cycles that only a collection frees: the Accelerator lets go
         of its engine, and the cycles are collected before the groups are destroyed."""
         # close() runs in `finally` blocks: an error while freeing the engine must not mask
-        # the error of the run itself
-        with contextlib.suppress(Exception):
+        # the error of the run itself, but it is said (the groups may then outlive close())
+        try:
             self.accelerator.free_memory()
+        except Exception as error:
+            log.warning("freeing the engine at close failed: %s: %s", type(error).__name__, error)
         gc.collect()
         _forget_accelerate_state()
         if dist.is_initialized():

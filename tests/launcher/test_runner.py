@@ -148,6 +148,29 @@ def test_a_failed_stage_leaves_no_process_group_behind_and_says_why(tmp_path):
     assert communication_threads() - before == set()
 
 
+def test_close_says_when_freeing_the_engine_fails_and_still_leaves_the_group(tmp_path, caplog):
+    """close() runs in `finally` blocks, so a failure to free the engine must not replace the
+    run's own error; it is logged (the groups may outlive close() then), not swallowed."""
+    import torch.distributed as dist
+
+    from launcher.runtime import build_runtime
+
+    runtime = build_runtime(stage_config(tmp_path))
+    assert dist.is_initialized()
+
+    def broken() -> None:
+        raise RuntimeError("engine already half torn down")
+
+    runtime.accelerator.free_memory = broken
+    with caplog.at_level("WARNING", logger="launcher.runtime"):
+        runtime.close()
+    assert not dist.is_initialized()
+    warned = [r.getMessage() for r in caplog.records if r.name == "launcher.runtime"]
+    assert warned == [
+        "freeing the engine at close failed: RuntimeError: engine already half torn down"
+    ]
+
+
 if __name__ == "__main__":
     run_stage(stage_config(Path(sys.argv[1])), ExportingToy)
 
