@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -25,13 +24,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
+from launcher.hf_dir import CAUSAL_LM, is_architecture
+
 _BLOCK = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
 def is_decoder(path: str | Path) -> bool:
     """Whether the HF directory holds a causal LM (pools its last non-pad token)."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+    return is_architecture(path, CAUSAL_LM)
 
 
 def load_classifier(

@@ -45,6 +45,7 @@ from launcher.data.documents import CorpusError, scan
 from launcher.data.sources import is_held_out, resolve_corpus
 from launcher.data.tokenizer import TextTokenizer
 from launcher.data.validation import build_validation, pack_documents
+from launcher.hf_dir import read_config
 from launcher.runner import LINEAGE, export_atomically, parent_lineage
 from launcher.stages import Stage
 from pretrain.data.builtin import write_builtin_corpus
@@ -58,7 +59,7 @@ def check_model(folder: Path) -> str:
     what was found otherwise."""
     kind = model_kind(folder)
     if kind is None:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_config(folder)
         names = config.get("architectures") or []
         found = ", ".join(names) or f"model_type {config.get('model_type')!r}"
         raise CompressError(

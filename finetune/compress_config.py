@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -11,6 +10,7 @@ from pydantic import Field
 
 from finetune.classify_config import ClassifyData
 from launcher.config import Section
+from launcher.hf_dir import CAUSAL_LM, SEQUENCE_CLASSIFIER, config_problem, is_architecture
 from launcher.run_config import RunConfig
 from pretrain.data.config import PretrainDataConfig
 
@@ -32,13 +32,11 @@ KIND_NAMES = {"causal": "causal LM", "classifier": "sequence classifier"}
 def model_kind(folder: Path) -> str | None:
     """``causal`` or ``classifier`` from ``folder/config.json``'s architectures; None for
     anything else (or no readable config: ``init.path``'s own check names that)."""
-    try:
-        names = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError):
+    if config_problem(folder) is not None:
         return None
-    if any(str(n).endswith("ForCausalLM") for n in names):
+    if is_architecture(folder, CAUSAL_LM):
         return "causal"
-    if any(str(n).endswith("ForSequenceClassification") for n in names):
+    if is_architecture(folder, SEQUENCE_CLASSIFIER):
         return "classifier"
     return None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -11,6 +10,13 @@ from pydantic import Field
 
 from launcher.config import Section
 from launcher.data.examples import ExampleSource
+from launcher.hf_dir import (
+    ConfigFileError,
+    architectures,
+    config_problem,
+    is_architecture,
+    read_config,
+)
 from launcher.run_config import RunConfig
 
 
@@ -107,8 +113,8 @@ class SFTConfig(RunConfig):
 def parent_max_positions(folder: Path) -> int | None:
     """``max_position_embeddings`` of an HF directory's config.json, if it says."""
     try:
-        value = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError):
+        value = read_config(folder).get("max_position_embeddings")
+    except ConfigFileError:
         return None
     return value if isinstance(value, int) else None
 
@@ -124,16 +130,12 @@ def pair_stage_problems(cfg, stage: str, kinds: tuple[str, ...], wanted: str):
     if cfg.peft is not None and cfg.peft.method != "lora":
         yield "peft.method", f"{cfg.peft.method}: the {stage} stage supports lora only"
     folder = Path(cfg.init.path)
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() or config_problem(folder) is not None:
         return  # InitSection reports it
     if not (folder / "tokenizer.json").is_file():
         yield "init.path", f"{folder}: no tokenizer.json (the stage needs its tokenizer)"
-    try:
-        found = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except ValueError as exc:
-        yield "init.path", f"{folder / 'config.json'}: not JSON ({exc})"
-        return
-    if not any(a.endswith(kinds) for a in found):
+    found = architectures(folder)
+    if not is_architecture(folder, kinds):
         yield "init.path", f"{folder / 'config.json'}: architecture {found or 'none'} is {wanted}"
     limit = parent_max_positions(folder)
     if limit is not None and cfg.data.max_seq_len > limit:

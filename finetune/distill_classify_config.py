@@ -11,7 +11,6 @@ labels when the task has read them (``ClassifyDistillTask``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pydantic import Field
 
 from finetune.classify_config import ClassifyConfig
 from finetune.distill_config import DistillSection, same_tokenizer, tokenizer_file
+from launcher.hf_dir import SEQUENCE_CLASSIFIER, architectures, is_architecture
 from launcher.run_config import InitSection
 
 
@@ -32,13 +32,12 @@ class ClassifierTeacher(InitSection):
         yield from found
         if found:
             return
-        config_file = Path(self.path) / "config.json"
-        kinds = json.loads(config_file.read_text()).get("architectures") or []
-        if not any(str(k).endswith("ForSequenceClassification") for k in kinds):
+        if not is_architecture(self.path, SEQUENCE_CLASSIFIER):
+            kinds = architectures(self.path)
             yield (
                 "path",
-                f"{config_file}: architectures {kinds or 'missing'}, not a sequence "
-                "classifier (...ForSequenceClassification, e.g. a `kiln classify` export)",
+                f"{Path(self.path) / 'config.json'}: architectures {kinds or 'missing'}, not a "
+                "sequence classifier (...ForSequenceClassification, e.g. a `kiln classify` export)",
             )
 
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from pydantic import Field, model_validator
 
 from launcher.config import Section
+from launcher.hf_dir import CAUSAL_LM, architectures, is_architecture
 from launcher.run_config import InitSection
 from pretrain.config import PretrainConfig
 
@@ -45,9 +46,8 @@ class TeacherSection(InitSection):
         yield from found
         if found:
             return
-        config = json.loads((Path(self.path) / "config.json").read_text())
-        kinds = config.get("architectures") or []
-        if not any(str(k).endswith("ForCausalLM") for k in kinds):
+        if not is_architecture(self.path, CAUSAL_LM):
+            kinds = architectures(self.path)
             yield "path", f"{self.path}: {kinds or 'no architectures'}, not a causal LM"
 
 

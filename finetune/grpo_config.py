@@ -11,7 +11,6 @@ batch sizes, a reward function that cannot be imported, what DPO checks of the p
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
@@ -21,6 +20,7 @@ from pydantic import Field
 from finetune.config import ChatSection, PeftSection, pair_stage_problems
 from launcher.config import Section
 from launcher.data.examples import ExampleSource
+from launcher.hf_dir import SEQUENCE_CLASSIFIER, ConfigFileError, config_problem, read_config
 from launcher.run_config import RunConfig
 
 
@@ -139,16 +139,16 @@ def reward_model_problems(folder: Path, parent: str | None, key: str) -> Iterabl
         yield key, f"{folder}: no config.json (expected a reward-stage export)"
         return
     try:
-        found = json.loads(config.read_text())
-    except ValueError as exc:
-        yield key, f"{config}: not JSON ({exc})"
+        found = read_config(folder)
+    except ConfigFileError as exc:
+        yield key, str(exc)
         return
     kinds = found.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in kinds):
+    if not any(a.endswith(SEQUENCE_CLASSIFIER) for a in kinds):
         yield key, f"{config}: architecture {kinds or 'none'} is not a reward model"
-    if parent is None or not (Path(parent) / "config.json").is_file():
-        return
-    actor = json.loads((Path(parent) / "config.json").read_text()).get("vocab_size")
+    if parent is None or config_problem(parent) is not None:
+        return  # init.path's own check says what is wrong with it
+    actor = read_config(parent).get("vocab_size")
     if found.get("vocab_size") != actor:
         yield (
             key,

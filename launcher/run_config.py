@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from launcher.config import Section
+from launcher.hf_dir import ConfigFileError, config_problem, read_config
 from launcher.metrics import MetricsConfig
 
 
@@ -180,6 +181,8 @@ class InitSection(Section):
             yield "path", f"{folder}: no such directory (an HF model directory is expected)"
         elif not (folder / "config.json").is_file():
             yield "path", f"{folder}: no config.json, so not an HF model directory"
+        elif (problem := config_problem(folder)) is not None:
+            yield "path", problem
         elif not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
             yield "path", f"{folder}: no weights (*.safetensors or *.bin) beside config.json"
 
@@ -187,8 +190,8 @@ class InitSection(Section):
         if self.path is None:
             return None
         try:
-            config = json.loads((Path(self.path) / "config.json").read_text())
-        except (OSError, ValueError):
+            config = read_config(self.path)
+        except ConfigFileError:
             return None
         size = config.get("hidden_size", config.get("d_model"))
         return size if isinstance(size, int) else None
