@@ -17,9 +17,11 @@ import os
 import sys
 
 from launcher import console
+from launcher.signals import follow_parent
 
 
 def main(argv: list[str]) -> int:
+    follow_parent()  # the kiln launcher died: SIGTERM, which stops the workers as usual
     if os.environ.get(console.VERBOSE_ENV) != "1":
         for name in console.QUIET_AGENT_MESSAGES:
             logging.getLogger(name).addFilter(console.drop_agent_messages)

@@ -29,7 +29,7 @@ from launcher.launch import (
 )
 from launcher.network import socket_env
 from launcher.rundir import LOCKED_ENV, RunDirBusy, RunLock, clear_marker, launch_id
-from launcher.signals import STOP
+from launcher.signals import STOP, child_env, follow_parent
 from launcher.stages import find_stage, stage_names
 
 
@@ -163,6 +163,7 @@ def predict_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    follow_parent()  # started by a kiln pipeline: stop when it dies
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
@@ -294,6 +295,7 @@ def run_forwarding_signals(
     run directory's lock) stay open in it, so the lock lasts as long as the job does."""
     ends = tempfile.mkdtemp(prefix="kiln-end-")
     env = launch_env({**(extra_env or {}), END_DIR_ENV: ends}, nproc=nproc, grace=grace)
+    env = child_env(env)  # the agent stops its workers if this launcher dies (follow_parent)
     proc = subprocess.Popen(command, env=env, pass_fds=pass_fds)
     previous = {
         sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum)) for sig in STOP_SIGNALS

@@ -41,6 +41,7 @@ from launcher.config import CONFIG_ROOT, Section, load_config
 from launcher.config_files import ConfigError, Problem
 from launcher.report import write_report
 from launcher.runner import LINEAGE, weight_digests
+from launcher.signals import child_env
 from launcher.stages import find_stage
 
 STATE = "pipeline.json"
@@ -253,8 +254,14 @@ def run_step(step: Step, steps: dict[str, Step], log: Path) -> tuple[int, int | 
     with open(log, "ab") as out:
         # its own session: a terminal's Ctrl-C reaches the pipeline alone, which passes it on
         # once (twice would be "stop now" to the stage)
+        # child_env: the stage stops (saves, frees its run directory) if the pipeline dies,
+        # even by SIGKILL, instead of running on unseen and refusing the re-run
         proc = subprocess.Popen(
-            step.command(steps), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            step.command(steps),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=child_env(),
         )
         previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
         try:

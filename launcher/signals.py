@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,3 +105,34 @@ class StopSignals:
 
 STOP = StopSignals()
 """The process's one stop request (signal handlers are per process)."""
+
+
+PARENT_ENV = "KILN_PARENT_PID"
+"""Set by a kiln process for a child that must not outlive it: the pid it expects as parent."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) for a child that ``follow_parent()`` ties to us."""
+    return {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}
+
+
+def follow_parent() -> None:
+    """Called first thing by a process that a kiln parent started (a pipeline's stage, the
+    launcher's agent): when that parent dies, even by SIGKILL, this process gets SIGTERM, the
+    ordinary stop (checkpoint, release of the run directory, exit). Without it the stage ran
+    on as an orphan holding its run directory's lock, and re-running the killed pipeline
+    failed with "in use by another launch". Linux only (prctl); elsewhere a no-op. The
+    variable is removed so that this process's own children do not inherit it."""
+    expected = os.environ.pop(PARENT_ENV, None)
+    if expected is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this process may outlive its "
+                    "parent", ctypes.get_errno())  # fmt: skip
+        return
+    if os.getppid() != int(expected):  # the parent died before prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)

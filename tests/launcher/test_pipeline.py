@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from launcher.cli import main as kiln_main
 from launcher.config import CONFIG_ROOT
 from launcher.report import figure
+from launcher.rundir import RunDirBusy, RunLock
 
 TINY = str(CONFIG_ROOT / "pretrain" / "tiny.yaml")
 SFT = str(CONFIG_ROOT / "finetune" / "sft-tiny.yaml")
@@ -243,8 +244,43 @@ def test_a_chain_stopped_during_sft_and_run_again_ends_as_an_uninterrupted_one(
     ~20 s), its finished pretraining and prepared data copied from the uninterrupted chain:
     SFT's and reward's final metrics (wall-clock ones aside) and weights equal the
     uninterrupted chain's exactly."""
-    root, _, _, uninterrupted, weights = tiny_chain
-    stages = STAGES[:3]
+    proc, config = chain_stopped_during_sft(tiny_chain, tmp_path, 3, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "pipeline stopped during sft" in out, out[-3000:]
+    assert not (tmp_path / "runs" / "tiny-chain" / "sft" / "hf" / "kiln.json").exists()
+    run_again_to_the_uninterrupted_end(tiny_chain, tmp_path, config, 3, capsys, monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_chain_killed_during_sft_stops_its_stage_and_runs_again_to_the_same_end(
+    tiny_chain, tmp_path, capsys, monkeypatch
+):
+    """SIGKILL to the pipeline (the OOM killer, `kill -9`) while SFT trains: it cannot pass
+    anything on, so the stage learns it from the kernel (``follow_parent``: SIGTERM when its
+    parent dies), saves and stops, and its run directory is free. Before, the stage ran on
+    unseen, and running the command again failed: "sft is in use by another launch". The
+    chain cut after SFT; the same command again resumes SFT and ends as uninterrupted."""
+    proc, config = chain_stopped_during_sft(tiny_chain, tmp_path, 2, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    sft = tmp_path / "runs" / "tiny-chain" / "sft"
+    deadline = time.time() + 180  # the stage's own stop: a checkpoint, then exit
+    while True:
+        try:
+            RunLock(sft).acquire().release()
+            break
+        except RunDirBusy:
+            assert time.time() < deadline, "the orphaned stage still holds its run directory"
+            time.sleep(0.2)
+    assert list((sft / "checkpoints").glob("step-*")), "the stage stopped without saving"
+    assert not (sft / "hf" / "kiln.json").exists()
+    run_again_to_the_uninterrupted_end(tiny_chain, tmp_path, config, 2, capsys, monkeypatch)
+
+
+def chain_stopped_during_sft(tiny_chain, tmp_path: Path, n_stages: int, sig: int):
+    """The reduced chain's first ``n_stages`` in ``tmp_path``, its finished pretraining and
+    prepared data copied from the uninterrupted chain, started as `kiln pipeline` and sent
+    ``sig`` once SFT has logged step 2: (the pipeline's process, the cut chain's config)."""
+    root = tiny_chain[0]
     for part in ("data", "runs/tiny-chain/pretrain"):
         shutil.copytree(root / part, tmp_path / part)
     state = json.loads((root / "runs" / "tiny-chain" / "pipeline.json").read_text())
@@ -252,9 +288,9 @@ def test_a_chain_stopped_during_sft_and_run_again_ends_as_an_uninterrupted_one(
         json.dumps({"pretrain": state["pretrain"]})
     )
     spec = yaml.safe_load(TINY_CHAIN.read_text())
-    assert [s["stage"] for s in spec["stages"][:3]] == list(stages)
-    spec["stages"] = spec["stages"][:3]
-    config = tmp_path / "tiny-to-reward.yaml"
+    assert [s["stage"] for s in spec["stages"][:n_stages]] == list(STAGES[:n_stages])
+    spec["stages"] = spec["stages"][:n_stages]
+    config = tmp_path / f"tiny-to-{STAGES[n_stages - 1]}.yaml"
     config.write_text(yaml.safe_dump(spec))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -266,18 +302,23 @@ def test_a_chain_stopped_during_sft_and_run_again_ends_as_an_uninterrupted_one(
     while time.time() < deadline and proc.poll() is None:
         lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
         if any(json.loads(x).get("step", 0) >= 2 for x in lines if x.strip()):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
         time.sleep(0.05)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "pipeline stopped during sft" in out, out[-3000:]
-    assert not (tmp_path / "runs" / "tiny-chain" / "sft" / "hf" / "kiln.json").exists()
+    return proc, config
+
+
+def run_again_to_the_uninterrupted_end(tiny_chain, tmp_path, config, n_stages, capsys, monkeypatch):
+    """The same command again: pretraining skipped, SFT resumed from its checkpoint, and every
+    stage after pretraining ends with the uninterrupted chain's final metrics (wall-clock ones
+    aside) and weights, exactly."""
+    _, _, _, uninterrupted, weights = tiny_chain
     code, out, err = pipeline_here(tmp_path, config, capsys, monkeypatch)
     assert code == 0, out[-3000:] + err[-3000:]
     assert "pretrain: finished earlier, skipped" in out
     sft_log = (tmp_path / "runs" / "tiny-chain" / "logs" / "sft.log").read_text()
     assert "resumed from" in sft_log or "resuming from" in sft_log, sft_log[-3000:]
-    for stage in stages[1:]:  # pretraining: copied
+    for stage in STAGES[1:n_stages]:  # pretraining: copied
         hf = tmp_path / "runs" / "tiny-chain" / stage / "hf"
         ours = final_metrics(hf)
         assert ours == uninterrupted[stage], (stage, ours, uninterrupted[stage])
