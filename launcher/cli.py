@@ -29,7 +29,7 @@ from launcher.launch import (
 )
 from launcher.network import socket_env
 from launcher.rundir import LOCKED_ENV, RunDirBusy, RunLock, clear_marker, launch_id
-from launcher.signals import STOP, child_env, follow_parent
+from launcher.signals import STOP, child_env, follow_parent, notify
 from launcher.stages import find_stage, stage_names
 
 
@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             nproc=d.num_processes,
             grace=config.checkpoint.grace,
             pass_fds=(lock.fd,) if lock and lock.fd is not None else (),
+            on_stop=_stopping(lock, config.checkpoint.grace),
         )
     if args.dry_run:
         print(f"[kiln] would run stage {args.stage} in this process")
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if _holds_run_dir(config.run_dir):
             lock = take_run_dir(config.run_dir)
+        STOP.listeners += _stopping(lock, config.checkpoint.grace)
         with STOP.catching():
             stage.run(config)
         report_end()
@@ -258,9 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 1
     finally:
+        STOP.listeners.clear()
         if lock is not None:
             lock.release()
     return 0
+
+
+def _stopping(lock: RunLock | None, grace: float) -> list:
+    """What to do at a stop request: tell a launch started meanwhile on this run directory
+    that it is about to be let go (it waits instead of failing "in use")."""
+    return [] if lock is None else [lambda: lock.mark_stopping(grace)]
 
 
 def take_run_dir(run_dir: Path) -> RunLock:
@@ -289,17 +298,24 @@ def run_forwarding_signals(
     nproc: int | None = None,
     grace: float | None = None,
     pass_fds: tuple[int, ...] = (),
+    on_stop: list | None = None,
 ) -> int:
     """Run the launcher; a SIGTERM/SIGUSR1/SIGINT sent to us goes to it (and on to every
     worker, see launch_env), instead of killing us and orphaning the job. ``pass_fds`` (the
-    run directory's lock) stay open in it, so the lock lasts as long as the job does."""
+    run directory's lock) stay open in it, so the lock lasts as long as the job does;
+    ``on_stop`` are called at the first such signal."""
     ends = tempfile.mkdtemp(prefix="kiln-end-")
     env = launch_env({**(extra_env or {}), END_DIR_ENV: ends}, nproc=nproc, grace=grace)
     env = child_env(env)  # the agent stops its workers if this launcher dies (follow_parent)
     proc = subprocess.Popen(command, env=env, pass_fds=pass_fds)
-    previous = {
-        sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum)) for sig in STOP_SIGNALS
-    }
+    pending = list(on_stop or ())
+
+    def forward(signum: int, _frame) -> None:
+        notify(pending)
+        pending.clear()
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         code = proc.wait()
         if nproc and ended_cleanly(code, Path(ends), nproc):

@@ -3,7 +3,11 @@
 ``RunLock`` is an exclusive ``flock`` on ``<run_dir>/.lock``, taken by the launcher (the main
 node's, or global rank 0 when started without it) before any process touches the directory.
 The kernel releases it when the holder dies, kill -9 included, so it never needs cleaning up;
-the file says who holds it, for the error a second launch gets.
+the file says who holds it, for the error a second launch gets. A holder that was told to stop
+says so in the file (``mark_stopping``: when, and its grace seconds); a launch that finds the
+directory held by a stopping launch waits for it to save and let go (at most until that grace
+is over, plus ``STOPPING_SLACK``) instead of failing: re-running a pipeline or job a moment
+after stopping it is what users do.
 
 ``PREEMPTED`` is written by the main rank when a run stops early and can resume; it carries
 the launch's id (``KILN_LAUNCH_ID``: the Slurm job and restart, or one the launcher makes),
@@ -35,6 +39,9 @@ LAUNCH_ENV = "KILN_LAUNCH_ID"
 """This launch's id, inherited by every process of it (the sbatch script sets job.restart)."""
 LOCKED_ENV = "KILN_RUN_LOCKED"
 """The run directory whose lock a parent process (the kiln launcher) holds for us."""
+STOPPING_SLACK = 30.0
+"""Seconds past a stopping holder's grace that a new launch still waits for the lock."""
+POLL = 0.2
 
 
 class RunDirBusy(UserError):
@@ -49,26 +56,21 @@ def launch_id() -> str:
 
 
 class RunLock:
-    """``acquire()`` raises ``RunDirBusy`` naming the holder's host and pid; the lock lasts
-    until ``release()`` or the end of the process (or of children given ``fd``)."""
+    """``acquire()`` raises ``RunDirBusy`` naming the holder's host and pid (after waiting
+    for a holder that is stopping); the lock lasts until ``release()`` or the end of the
+    process (or of children given ``fd``)."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK
         self.fd: int | None = None
+        self.info: dict = {}
 
     def acquire(self) -> RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise RunDirBusy(
-                f"{self.run_dir} is in use by another launch ({_describe(holder)}); wait for "
-                f"it to end or stop it, or choose another run.name (lock: {self.path})"
-            ) from None
+            self._wait_for(fd)
         except OSError as exc:
             if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 os.close(fd)
@@ -79,12 +81,66 @@ class RunLock:
                 self.path,
                 exc.strerror,
             )
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        info["launch"] = os.environ.get(LAUNCH_ENV)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except BaseException:  # RunDirBusy, or Ctrl-C while waiting
+            os.close(fd)
+            raise
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        self.info["launch"] = os.environ.get(LAUNCH_ENV)
         self.fd = fd
+        self._write()
         return self
+
+    def _wait_for(self, fd: int) -> None:
+        """Take the flock; a holder that is stopping is waited for, any other one (or one
+        stopping past its grace) is ``RunDirBusy``."""
+        waiting_since = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if waiting_since is not None:
+                    log.warning(
+                        "%s: it let go after %.1f s", self.run_dir, time.time() - waiting_since
+                    )
+                return
+            except BlockingIOError:
+                pass
+            holder = _holder(fd)
+            until = _stopping_until(holder)
+            now = time.time()
+            if until is None or now > until:
+                late = (
+                    f"; it was told to stop {now - holder['stopping']:.0f} s ago and has not let go"
+                    if until is not None
+                    else ""
+                )
+                raise RunDirBusy(
+                    f"{self.run_dir} is in use by another launch ({_describe(holder)}{late}); "
+                    f"wait for it to end or stop it, or choose another run.name (lock: "
+                    f"{self.path})"
+                )
+            if waiting_since is None:
+                waiting_since = now
+                log.warning(
+                    "%s is held by a launch that is stopping (%s): waiting up to %.0f s for it "
+                    "to save its checkpoint and let go",
+                    self.run_dir,
+                    _describe(holder),
+                    until - now,
+                )
+            time.sleep(POLL)
+
+    def mark_stopping(self, grace: float) -> None:
+        """Say in the lock file that this launch was told to stop and has ``grace`` seconds
+        to save (a new launch waits for it). Safe in a signal handler; idempotent."""
+        if self.fd is not None and "stopping" not in self.info:
+            self.info.update(stopping=time.time(), grace=float(grace))
+            self._write()
+
+    def _write(self) -> None:
+        assert self.fd is not None
+        data = (json.dumps(self.info) + "\n").encode()
+        os.pwrite(self.fd, data, 0)  # then cut: a reader never sees an empty file
+        os.ftruncate(self.fd, len(data))
 
     def release(self) -> None:
         if self.fd is not None:
@@ -92,9 +148,25 @@ class RunLock:
             self.fd = None
 
 
-def _describe(holder: str) -> str:
+def _holder(fd: int) -> dict:
+    """What the holder wrote (its first JSON object: a rewrite may briefly leave a tail)."""
     try:
-        info = json.loads(holder)
+        info, _ = json.JSONDecoder().raw_decode(os.pread(fd, 4096, 0).decode(errors="replace"))
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _stopping_until(holder: dict) -> float | None:
+    """Until when a stopping holder is waited for (None: it is not stopping)."""
+    stopping, grace = holder.get("stopping"), holder.get("grace")
+    if not isinstance(stopping, int | float) or not isinstance(grace, int | float):
+        return None
+    return float(stopping) + float(grace) + STOPPING_SLACK
+
+
+def _describe(info: dict) -> str:
+    try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
         return f"pid {info['pid']} on host {info['host']}, since {since}"
     except (ValueError, KeyError, TypeError):

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class StopSignals:
         self.at: float | None = None  # time.monotonic() of the first signal
         self._depth = 0
         self._previous: dict[int, object] = {}
+        self.listeners: list[Callable[[], None]] = []
+        """Called once, in the handler, at the first request (e.g. the run directory's lock
+        says "stopping"); a failing one is logged, never in the way of the stop."""
 
     @property
     def installed(self) -> bool:
@@ -96,11 +99,20 @@ class StopSignals:
         if self.name is None:
             self.name, self.at = name, now
             log.warning("%s: saving a checkpoint of the last completed step, then exiting", name)
+            notify(self.listeners)
             if self._depth:
                 raise Interrupted(name)
         elif now - self.at > REPEAT_WINDOW:
             log.error("%s again: exiting now without a checkpoint", name)
             os._exit(128 + signum)
+
+
+def notify(listeners: Iterable[Callable[[], None]]) -> None:
+    for listener in listeners:
+        try:
+            listener()
+        except Exception as exc:  # a signal handler: the stop must go on
+            log.warning("at the stop request, %r failed: %s: %s", listener, type(exc).__name__, exc)
 
 
 STOP = StopSignals()

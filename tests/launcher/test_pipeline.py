@@ -4,6 +4,7 @@ failing stage named with its log."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -21,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from launcher.cli import main as kiln_main
 from launcher.config import CONFIG_ROOT
+from launcher.persist import DELAY_ENV
 from launcher.report import figure
-from launcher.rundir import RunDirBusy, RunLock
 
 TINY = str(CONFIG_ROOT / "pretrain" / "tiny.yaml")
 SFT = str(CONFIG_ROOT / "finetune" / "sft-tiny.yaml")
@@ -257,29 +258,41 @@ def test_a_chain_killed_during_sft_stops_its_stage_and_runs_again_to_the_same_en
 ):
     """SIGKILL to the pipeline (the OOM killer, `kill -9`) while SFT trains: it cannot pass
     anything on, so the stage learns it from the kernel (``follow_parent``: SIGTERM when its
-    parent dies), saves and stops, and its run directory is free. Before, the stage ran on
-    unseen, and running the command again failed: "sft is in use by another launch". The
-    chain cut after SFT; the same command again resumes SFT and ends as uninterrupted."""
-    proc, config = chain_stopped_during_sft(tiny_chain, tmp_path, 2, signal.SIGKILL)
+    parent dies), saves and stops. Before, the stage ran on unseen, and running the command
+    again failed: "sft is in use by another launch". The command is run again at once, while
+    the stage still saves (its save slowed to 4 s): the new SFT launch waits for the stopping
+    one to let go (the lock file says "stopping"), resumes from its checkpoint, and the chain
+    (cut after SFT) ends as uninterrupted."""
+    proc, config = chain_stopped_during_sft(
+        tiny_chain, tmp_path, 2, signal.SIGKILL, {DELAY_ENV: "4"}
+    )
     proc.communicate(timeout=60)
     sft = tmp_path / "runs" / "tiny-chain" / "sft"
-    deadline = time.time() + 180  # the stage's own stop: a checkpoint, then exit
-    while True:
-        try:
-            RunLock(sft).acquire().release()
-            break
-        except RunDirBusy:
-            assert time.time() < deadline, "the orphaned stage still holds its run directory"
-            time.sleep(0.2)
-    assert list((sft / "checkpoints").glob("step-*")), "the stage stopped without saving"
-    assert not (sft / "hf" / "kiln.json").exists()
+    deadline = time.time() + 10
+    while "stopping" not in (
+        holder := json.JSONDecoder().raw_decode((sft / ".lock").read_text())[0]
+    ):
+        assert time.time() < deadline, f"the stage was not told to stop: {holder}"
+        time.sleep(0.05)
+    fd = os.open(sft / ".lock", os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):  # still held: the orphan saves its checkpoint
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
     run_again_to_the_uninterrupted_end(tiny_chain, tmp_path, config, 2, capsys, monkeypatch)
+    sft_log = (tmp_path / "runs" / "tiny-chain" / "logs" / "sft.log").read_text()
+    assert "runs/tiny-chain/sft is held by a launch that is stopping" in sft_log, sft_log[-3000:]
+    assert "it let go after" in sft_log
 
 
-def chain_stopped_during_sft(tiny_chain, tmp_path: Path, n_stages: int, sig: int):
+def chain_stopped_during_sft(
+    tiny_chain, tmp_path: Path, n_stages: int, sig: int, env: dict | None = None
+):
     """The reduced chain's first ``n_stages`` in ``tmp_path``, its finished pretraining and
-    prepared data copied from the uninterrupted chain, started as `kiln pipeline` and sent
-    ``sig`` once SFT has logged step 2: (the pipeline's process, the cut chain's config)."""
+    prepared data copied from the uninterrupted chain, started as `kiln pipeline` (``env``
+    added to its environment) and sent ``sig`` once SFT has logged step 2: (the pipeline's
+    process, the cut chain's config)."""
     root = tiny_chain[0]
     for part in ("data", "runs/tiny-chain/pretrain"):
         shutil.copytree(root / part, tmp_path / part)
@@ -293,7 +306,7 @@ def chain_stopped_during_sft(tiny_chain, tmp_path: Path, n_stages: int, sig: int
     config = tmp_path / f"tiny-to-{STAGES[n_stages - 1]}.yaml"
     config.write_text(yaml.safe_dump(spec))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}
     command = [sys.executable, "-m", "launcher", "pipeline", str(config)]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
