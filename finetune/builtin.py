@@ -208,12 +208,10 @@ def write_builtin_finetune(cfg: BuiltinFinetuneConfig) -> dict[str, dict[str, Pa
     files = paths(out)
     wanted = {"version": VERSION, "config": cfg.model_dump()}
     manifest = out / MANIFEST
-    if manifest.is_file():
-        saved = json.loads(manifest.read_text())
-        if {k: saved.get(k) for k in wanted} == wanted and all(
-            p.is_file() for by_split in files.values() for p in by_split.values()
-        ):
-            return files
+    if _saved(manifest, wanted) and all(
+        p.is_file() for by_split in files.values() for p in by_split.values()
+    ):
+        return files
     manifest.unlink(missing_ok=True)
     lines: dict[tuple[str, str], list[str]] = {(k, s): [] for k in KINDS_DIRS for s in SPLITS}
     for fact in facts(cfg):
@@ -224,12 +222,27 @@ def write_builtin_finetune(cfg: BuiltinFinetuneConfig) -> dict[str, dict[str, Pa
     for (kind, split), rows in lines.items():
         path = files[kind][split]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(rows), encoding="utf-8")
-        tmp.replace(path)
+        _write_atomically(path, "".join(rows))
         counts[f"{kind}/{split}"] = len(rows)
-    manifest.write_text(json.dumps({**wanted, "records": counts}, indent=2) + "\n")
+    _write_atomically(manifest, json.dumps({**wanted, "records": counts}, indent=2) + "\n")
     return files
+
+
+def _saved(manifest: Path, wanted: dict) -> bool:
+    """Whether ``manifest`` describes records made by ``wanted``; one that cannot be read
+    (a run killed while writing it before it was atomic, an edit) means: write them again."""
+    try:
+        saved = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {k: saved.get(k) for k in wanted} == wanted
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A reader sees the old file or the whole new one, never a part (killed mid-write)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def prepare(**settings) -> Path:

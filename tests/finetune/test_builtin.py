@@ -33,6 +33,23 @@ def test_the_same_config_gives_the_same_bytes_and_is_reused(tmp_path):
     assert other["sft"]["train"].read_bytes() != a["sft"]["train"].read_bytes()
 
 
+def test_a_broken_manifest_means_the_records_are_written_again(tmp_path):
+    """A manifest cut short (a kill while it was written) or edited into another shape was a
+    JSONDecodeError traceback in every later run; now the records are written again."""
+    cfg = BuiltinFinetuneConfig(dir=str(tmp_path / "a"), variants=1)
+    files = write_builtin_finetune(cfg)
+    want = {(k, s): p.read_bytes() for k, by in files.items() for s, p in by.items()}
+    manifest = tmp_path / "a" / "manifest.json"
+    whole = manifest.read_text()
+    for broken in (whole[: len(whole) // 2], "[1, 2]", ""):
+        manifest.write_text(broken)
+        files["sft"]["train"].write_text("stale\n")
+        again = write_builtin_finetune(cfg)
+        assert {(k, s): p.read_bytes() for k, by in again.items() for s, p in by.items()} == want
+        assert json.loads(manifest.read_text()) == json.loads(whole)
+    assert not list((tmp_path / "a").rglob("*.tmp"))
+
+
 def test_the_answer_is_read_from_the_one_sentence_of_its_kind_and_the_rejected_is_absent():
     cfg = BuiltinFinetuneConfig(variants=1)
     found = facts(cfg)
