@@ -281,11 +281,11 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
     handlers = [
         InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     ]
-    # DeepSpeed prints "... shm_comm_op built successfully" on every rank (a bare print while
-    # it joins the process group): kept out of the default console, any other line passes.
     # Imported first: DeepSpeed's log handler binds sys.stdout when it is created, and one
-    # created inside the redirect would send every later DeepSpeed log line into the buffer.
+    # created inside the redirect below would send every later DeepSpeed log line into it.
     import deepspeed  # noqa: F401
+
+    _without_shm_comm_op()
 
     # Accelerate keeps its state in process-wide singletons: an Accelerator made earlier in
     # this process (a TRL trainer, a notebook cell) would hand ours its settings, DeepSpeed
@@ -303,7 +303,7 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
             project_dir=str(cfg.run_dir),
         )
     verbose = os.environ.get("KILN_VERBOSE") == "1"
-    for line in printed.getvalue().splitlines():
+    for line in printed.getvalue().splitlines():  # DeepSpeed's bare prints while it joins
         if verbose or "built successfully" not in line:
             print(line)
     if accelerator.num_processes != cfg.dist.world_size:
@@ -324,6 +324,24 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
         env_set=env_set,
         accelerate_env=accelerate_env,
     )
+
+
+def _without_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory op (deepspeed_shm_comm)
+    when it joins the process group. It serves only inference tensor parallelism
+    (``inference_all_reduce``), never training, and compiling it cost every fresh machine
+    36 s on 2 cores (one rank compiles, the others wait on a lock file), crashed a run where
+    g++ or ninja is missing, and a stop signal during the compile killed the compiler and the
+    rank with it (its peers then waited in the rendezvous until the agent's grace was over).
+    DeepSpeed keeps ``deepspeed.ops.__compatible_ops__`` as one dict so that edits to it hold;
+    an op marked incompatible is skipped and plain torch.distributed (gloo) does the work.
+    GPU accelerators have no such op: nothing changes there."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def seed_everything(seed: int, rank: int) -> None:
