@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if _holds_run_dir(config.run_dir):
             lock = take_run_dir(config.run_dir)
-        STOP.listeners += _stopping(lock, config.checkpoint.grace)
+        STOP.listen(_stopping(lock, config.checkpoint.grace))
         with STOP.catching():
             stage.run(config)
         report_end()

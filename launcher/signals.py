@@ -72,6 +72,14 @@ class StopSignals:
             if mine:
                 self.uninstall()
 
+    def listen(self, listeners: Iterable[Callable[[], None]]) -> None:
+        """Add ``listeners``; called at once if the request came already (a signal during
+        set-up, before the caller had anything to say)."""
+        listeners = list(listeners)
+        self.listeners += listeners
+        if self.name is not None:
+            notify(listeners)
+
     def seconds_since(self) -> float | None:
         return None if self.at is None else time.monotonic() - self.at
 

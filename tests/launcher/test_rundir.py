@@ -167,3 +167,16 @@ def test_the_first_stop_request_calls_the_listeners_once_and_a_failing_one_is_lo
         STOP.listeners.clear()
     assert called == ["SIGTERM"]
     assert "at the stop request" in caplog.text and "OSError: read-only file system" in caplog.text
+
+
+def test_a_listener_added_after_the_request_is_called_at_once():
+    from launcher.signals import STOP
+
+    called = []
+    try:
+        with STOP.catching():
+            os.kill(os.getpid(), signal.SIGTERM)  # during set-up, before the lock was taken
+            STOP.listen([lambda: called.append(STOP.name)])
+            assert called == ["SIGTERM"]
+    finally:
+        STOP.listeners.clear()
