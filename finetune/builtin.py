@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from pathlib import Path
 from pydantic import Field
 
 from launcher.config import Section
-from pretrain.data.builtin import World
+from pretrain.data.builtin import World, atomic_write_text
 
 SPLITS = ("train", "validation", "test")
 KINDS_DIRS = ("sft", "pairs", "prompts")
@@ -222,9 +221,9 @@ def write_builtin_finetune(cfg: BuiltinFinetuneConfig) -> dict[str, dict[str, Pa
     for (kind, split), rows in lines.items():
         path = files[kind][split]
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, "".join(rows))
+        atomic_write_text(path, "".join(rows))
         counts[f"{kind}/{split}"] = len(rows)
-    _write_atomically(manifest, json.dumps({**wanted, "records": counts}, indent=2) + "\n")
+    atomic_write_text(manifest, json.dumps({**wanted, "records": counts}, indent=2) + "\n")
     return files
 
 
@@ -236,13 +235,6 @@ def _saved(manifest: Path, wanted: dict) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and {k: saved.get(k) for k in wanted} == wanted
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """A reader sees the old file or the whole new one, never a part (killed mid-write)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def prepare(**settings) -> Path:

@@ -174,7 +174,8 @@ def _reuse(cfg: BuiltinCorpusConfig, out: Path, start: float) -> CorpusInfo | No
         return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """A reader sees the old file or the whole new one, never a part (killed mid-write)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -235,7 +236,7 @@ def write_builtin_corpus(cfg: BuiltinCorpusConfig) -> CorpusInfo:
         "text_bytes": sum(e["text_bytes"] for e in entries),
         "files": entries,
     }
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return CorpusInfo(
         dir=out,
         files=files,
