@@ -8,9 +8,7 @@ explicitly and then checks that the world it got is the world the config was val
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
 import json
 import logging
 import os
@@ -281,31 +279,21 @@ def build_runtime(cfg: RunConfig, *, log_with: str | None = None) -> Runtime:
     handlers = [
         InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     ]
-    # Imported first: DeepSpeed's log handler binds sys.stdout when it is created, and one
-    # created inside the redirect below would send every later DeepSpeed log line into it.
-    import deepspeed  # noqa: F401
-
     _without_shm_comm_op()
 
     # Accelerate keeps its state in process-wide singletons: an Accelerator made earlier in
     # this process (a TRL trainer, a notebook cell) would hand ours its settings, DeepSpeed
     # off, and prepare() would return the bare model. A launched rank has none: a no-op.
     _forget_accelerate_state()
-    printed = io.StringIO()
     accelerate_env = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
-    with contextlib.redirect_stdout(printed):
-        accelerator = Accelerator(
-            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
-            gradient_accumulation_steps=ds["gradient_accumulation_steps"],
-            mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
-            kwargs_handlers=handlers,
-            log_with=log_with,
-            project_dir=str(cfg.run_dir),
-        )
-    verbose = os.environ.get("KILN_VERBOSE") == "1"
-    for line in printed.getvalue().splitlines():  # DeepSpeed's bare prints while it joins
-        if verbose or "built successfully" not in line:
-            print(line)
+    accelerator = Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
+        gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+        mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+        kwargs_handlers=handlers,
+        log_with=log_with,
+        project_dir=str(cfg.run_dir),
+    )
     if accelerator.num_processes != cfg.dist.world_size:
         raise RuntimeError(
             f"this process joined a world of {accelerator.num_processes} processes but the "
