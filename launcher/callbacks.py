@@ -36,6 +36,10 @@ class Evaluate(Callback):
         if self._done_at != trainer.state.step:
             self._evaluate(trainer)
 
+    def writes_line_at(self, trainer: Trainer, step: int) -> bool:
+        every = trainer.steps_per_epoch if self.every == "epoch" else self.every
+        return bool(every and step % every == 0) or step >= trainer.horizon
+
     def _evaluate(self, trainer: Trainer) -> None:
         results = trainer.evaluate()
         self._done_at = trainer.state.step
@@ -70,6 +74,9 @@ class Log(Callback):
     def on_fit_end(self, trainer: Trainer) -> None:
         if self._done_at != trainer.state.step or trainer.eval_results:
             trainer.log_now()
+
+    def writes_line_at(self, trainer: Trainer, step: int) -> bool:
+        return step % self.every == 0 or step >= trainer.horizon
 
 
 class Checkpoint(Callback):

@@ -61,6 +61,11 @@ class Callback:
     def on_fit_end(self, trainer: Trainer) -> None:
         pass
 
+    def writes_line_at(self, trainer: Trainer, step: int) -> bool:
+        """Whether this callback writes a metrics line after ``step`` (a stop's save, which
+        comes before the step's callbacks, asks: see ``Trainer.unwritten_metrics``)."""
+        return False
+
 
 class Trainer:
     def __init__(self, cfg: RunConfig, runtime: Runtime, task: Task, callbacks: list[Callback]):
@@ -80,6 +85,7 @@ class Trainer:
         self._abandoned: BaseException | None = None
         self._fetched: list[dict] | None = None  # the next step's micro-batches, agreed on
         self._warned_steps = False
+        self._saved_window: dict | None = None  # a checkpoint's unflushed metrics (``metrics``)
 
     @property
     def stopped(self) -> bool:
@@ -160,6 +166,9 @@ class Trainer:
             sinks=self._sinks(),
         )
         self.metrics.activate()
+        if self._saved_window:
+            self.metrics.restore(self._saved_window)
+            self._saved_window = None
 
     def _sinks(self) -> list:
         if not self.runtime.is_main:
@@ -213,6 +222,9 @@ class Trainer:
             "train_state": RunJson(self.state),
             "task": RankJson(self.task),
             "rng": self.rng,
+            # what was recorded since the last metrics line; optional: older checkpoints
+            # have none, and their resumed run's first line covers the steps after the resume
+            "metrics": RankJson(Held(self.unwritten_metrics, self._load_window), optional=True),
         }
         owner = type(self.task).__name__
         for name, value in self.task.states().items():
@@ -223,6 +235,31 @@ class Trainer:
                 )
             states[name] = as_state(value, name, owner)
         return states
+
+    def unwritten_metrics(self) -> dict:
+        """This rank's values recorded since the last metrics line, for a checkpoint. A stop
+        saves before the step's callbacks run: when they would have written a line at this
+        step (a log or evaluation step, the last step), the stop's own line is that line, and
+        nothing is left over for the resumed run."""
+        step = self.state.step
+        if self.control.stopped and any(c.writes_line_at(self, step) for c in self.callbacks):
+            return {}
+        return self.metrics.state_dict()
+
+    def _load_window(self, saved: list[dict]) -> None:
+        """Keep this rank's unflushed metrics of the checkpoint for ``setup`` to restore; on
+        another world size they describe other ranks' shares, and the next line covers only
+        the steps after the resume."""
+        rt = self.runtime
+        if len(saved) == rt.world_size:
+            self._saved_window = saved[rt.rank]
+        elif any(saved) and rt.is_main:
+            log.info(
+                "the checkpoint's metrics since its last line (saved by %d ranks) are not "
+                "restored on %d ranks: the next line covers the steps after the resume",
+                len(saved),
+                rt.world_size,
+            )
 
     def finish(self, reason: str) -> None:
         """End the run after this step as if it were the last one (early stopping, a target

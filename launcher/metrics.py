@@ -5,6 +5,7 @@ peak memory."""
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import resource
@@ -21,6 +22,8 @@ import torch
 from pydantic import Field
 
 from launcher.config import Section
+
+log = logging.getLogger(__name__)
 
 _REDUCERS = {"mean": torch.mean, "sum": torch.sum, "max": torch.amax, "min": torch.amin}
 REDUCES = (*_REDUCERS, "last")
@@ -142,6 +145,48 @@ class Metrics:
             self._values[name] = [value]  # only the last one is ever needed
         else:
             self._values[name].append(value)
+
+    def state_dict(self) -> dict[str, dict]:
+        """This rank's values recorded since the last flush, as JSON: a checkpoint taken
+        between two flushes keeps them, so that the resumed run's next line is the one an
+        uninterrupted run writes (``restore``). Each value remembers whether it was a tensor:
+        ``_local`` puts tensors before floats, and the order of a sum must not change."""
+        out = {}
+        for name, values in self._values.items():
+            tensors = [v.reshape(1).double() for v in values if isinstance(v, torch.Tensor)]
+            exact = iter(torch.cat(tensors).tolist() if tensors else [])  # one sync per name
+            out[name] = {
+                "reduce": self._reduce[name],
+                "values": [
+                    [next(exact), True] if isinstance(v, torch.Tensor) else [float(v), False]
+                    for v in values
+                ],
+            }
+        return out
+
+    def restore(self, saved: dict[str, dict]) -> None:
+        """Put back values ``state_dict`` saved, before any recorded since (they came first).
+        A name this run records with another reduce (a changed metric) keeps only its new
+        values, with a warning: a resume does not fail over a metric."""
+        for name, entry in saved.items():
+            reduce = entry["reduce"]
+            if self._reduce.setdefault(name, reduce) != reduce:
+                log.warning(
+                    "metric %r: the checkpoint recorded it with reduce=%r, this run with %r: "
+                    "its values from before the resume are left out",
+                    name,
+                    reduce,
+                    self._reduce[name],
+                )
+                continue
+            values = [
+                torch.tensor(v, dtype=torch.float64) if was_tensor else v
+                for v, was_tensor in entry["values"]
+            ]
+            if reduce == "last":
+                self._values[name] = self._values.get(name) or values[-1:]
+            else:
+                self._values[name] = values + self._values.get(name, [])
 
     def _local(self, name: str) -> torch.Tensor:
         """This rank's aggregate of ``name`` as a 0-dim float64 tensor on ``self._device``."""

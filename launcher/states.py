@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from launcher import snapshot
 from launcher.checkpoint import CheckpointError
 
-LOOP_STATES = ("weights", "adam_step", "train_state", "task", "rng")
+LOOP_STATES = ("weights", "adam_step", "train_state", "task", "rng", "metrics")
 """The loop's own named states (``Trainer.checkpoint_states``), in load order (weights before
 Adam's step count); any other name is the task's (``Task.states``)."""
 RANK_JSON = "rank-{rank:05d}.json"

@@ -147,7 +147,7 @@ def test_a_task_state_per_rank_resumes_on_the_same_and_on_another_world_size(tmp
 def test_a_checkpoint_without_a_state_the_task_asks_for_is_a_clear_error(tmp_path):
     train_or_load(cfg_for(tmp_path, "plain", 1), task_cls=PlainWithSnapshot)
     folder = saved_folder(tmp_path, "plain")
-    assert json.loads((folder / "rank-00000.json").read_text()).keys() == {"task"}
+    assert json.loads((folder / "rank-00000.json").read_text()).keys() == {"task", "metrics"}
     with pytest.raises(CheckpointError) as caught:
         train_or_load(cfg_for(tmp_path, "more", 1, str(folder)))
     message = str(caught.value)
