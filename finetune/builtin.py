@@ -44,8 +44,9 @@ from pathlib import Path
 
 from pydantic import Field
 
+from launcher import atomic
 from launcher.config import Section
-from pretrain.data.builtin import World, atomic_write_text
+from pretrain.data.builtin import World
 
 SPLITS = ("train", "validation", "test")
 KINDS_DIRS = ("sft", "pairs", "prompts")
@@ -221,9 +222,9 @@ def write_builtin_finetune(cfg: BuiltinFinetuneConfig) -> dict[str, dict[str, Pa
     for (kind, split), rows in lines.items():
         path = files[kind][split]
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(rows))
+        atomic.write_text(path, "".join(rows))
         counts[f"{kind}/{split}"] = len(rows)
-    atomic_write_text(manifest, json.dumps({**wanted, "records": counts}, indent=2) + "\n")
+    atomic.write_text(manifest, json.dumps({**wanted, "records": counts}, indent=2) + "\n")
     return files
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from finetune.classify_metrics import scores
+from launcher import atomic
 from launcher.data.batches import evaluation_batches
 from launcher.rundir import PREEMPTED
 
@@ -123,8 +124,9 @@ def write_reports(cfg, task, stopper) -> dict | None:
     if (run_dir / PREEMPTED).exists() or not (run_dir / "hf" / "kiln.json").exists():
         return None
     report = build_report(cfg, task, stopper)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (run_dir / "report.md").write_text(markdown(report, cfg.classify.best_metric))
+    # replaced whole: the pipeline's report reads report.json
+    atomic.write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic.write_text(run_dir / "report.md", markdown(report, cfg.classify.best_metric))
     plot_curves(report, run_dir / "curves.png")
     print(f"[kiln] report          {run_dir / 'report.md'} (and report.json, curves.png)")
     for name in ("test", "untrained_test"):

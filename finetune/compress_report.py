@@ -9,6 +9,8 @@ import os
 import struct
 from pathlib import Path
 
+from launcher import atomic
+
 
 def tensor_bytes(folder: Path) -> dict[str, int]:
     """Each stored tensor's bytes, by name, from the safetensors headers (no weights read)."""
@@ -109,18 +111,12 @@ def plot(table: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(table: dict, run_dir: Path) -> list[Path]:
     """``compress.json``, ``compress.md`` and ``compress.png`` in ``run_dir``, each replaced
     whole (written beside, then renamed)."""
     paths = [run_dir / "compress.json", run_dir / "compress.md", run_dir / "compress.png"]
-    _replace(paths[0], json.dumps(table, indent=2) + "\n")
-    _replace(paths[1], markdown(table))
+    atomic.write_text(paths[0], json.dumps(table, indent=2) + "\n")
+    atomic.write_text(paths[1], markdown(table))
     tmp = run_dir / "compress.tmp.png"
     plot(table, tmp)
     os.replace(tmp, paths[2])

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from launcher import atomic
 from launcher.config_files import (
     CONFIG_ROOT,
     ConfigError,
@@ -179,8 +180,4 @@ def save_config(config: BaseModel, run_dir: str | Path) -> Path:
     """Write ``config.yaml`` into ``run_dir`` (atomically) and return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(dump_config(config), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return atomic.write_text(run_dir / "config.yaml", dump_config(config))

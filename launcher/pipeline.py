@@ -37,6 +37,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from launcher import atomic
 from launcher.config import CONFIG_ROOT, Section, load_config
 from launcher.config_files import ConfigError, Problem
 from launcher.report import write_report
@@ -201,10 +202,7 @@ def _state(root: Path) -> dict:
 
 
 def _save_state(root: Path, state: dict) -> None:
-    path = root / STATE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(path)
+    atomic.write_text(root / STATE, json.dumps(state, indent=2) + "\n")
 
 
 def identity(step: Step, steps: dict[str, Step]) -> dict:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launcher import atomic
+
 HEADLINE = {  # a stage's measure when before_after has no better one
     "pretrain": "eval/bits_per_byte",
     "sft": ("eval/exact_match", "eval/loss"),
@@ -163,6 +165,4 @@ def write_report(root: Path, stages: list[tuple[str, str]]) -> Path:
             fig.savefig(root / f"{sid}.png", dpi=90)
             plt.close(fig)
             sections += ["", f"## {sid} ({stage})", "", f"![{sid}]({sid}.png)"]
-    out = root / "report.md"
-    out.write_text("\n".join([*lines, *sections]) + "\n")
-    return out
+    return atomic.write_text(root / "report.md", "\n".join([*lines, *sections]) + "\n")

@@ -29,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+from launcher import atomic
 from launcher.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -180,11 +181,8 @@ def clear_marker(run_dir: Path) -> None:
 
 def write_marker(run_dir: Path, info: dict) -> Path:
     """Say that this launch stopped early and can resume (main rank)."""
-    path = Path(run_dir) / PREEMPTED
-    tmp = path.with_name(PREEMPTED + ".tmp")
-    tmp.write_text(json.dumps({**info, "launch": os.environ.get(LAUNCH_ENV)}) + "\n")
-    tmp.replace(path)
-    return path
+    info = {**info, "launch": os.environ.get(LAUNCH_ENV)}
+    return atomic.write_text(Path(run_dir) / PREEMPTED, json.dumps(info) + "\n")
 
 
 def read_marker(run_dir: Path) -> dict | None:

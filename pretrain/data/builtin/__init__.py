@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from launcher import atomic
 from launcher.config import Section
 
 from .genres import _GENRE_WRITERS
@@ -174,13 +175,6 @@ def _reuse(cfg: BuiltinCorpusConfig, out: Path, start: float) -> CorpusInfo | No
         return None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """A reader sees the old file or the whole new one, never a part (killed mid-write)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_builtin_corpus(cfg: BuiltinCorpusConfig) -> CorpusInfo:
     """Generate the corpus into ``cfg.dir`` (or reuse the one already there) and describe it.
 
@@ -236,7 +230,7 @@ def write_builtin_corpus(cfg: BuiltinCorpusConfig) -> CorpusInfo:
         "text_bytes": sum(e["text_bytes"] for e in entries),
         "files": entries,
     }
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return CorpusInfo(
         dir=out,
         files=files,
