@@ -117,6 +117,7 @@ class Trainer:
         if cfg.dist.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            _clear_stale_build_lock(rt, "CPUAdamBuilder")  # built when first constructed
             base = DeepSpeedCPUAdam
         self.optimizer = build_optimizer(
             self.task.param_groups(model), cfg.optim, own_clipping=rt.own_clipping, base=base
@@ -424,6 +425,20 @@ class Trainer:
         self.eval_results = {}
         self.last_logged = out
         return out
+
+
+def _clear_stale_build_lock(rt: Runtime, builder: str) -> None:
+    """Before DeepSpeed JIT-builds an op: a lock a killed build left would make it wait
+    forever (``launcher.build_lock``). One process per machine looks: a second could take
+    the lock the first one's build has just created for stale; the others wait for it."""
+    from deepspeed.accelerator import get_accelerator
+
+    from launcher.build_lock import build_folder, clear_stale_lock
+
+    op = get_accelerator().create_op_builder(builder)
+    if op is not None and rt.local_rank == 0:
+        clear_stale_lock(build_folder(op.NAME))
+    rt.barrier()
 
 
 def _set_aside(path: Path) -> None:
