@@ -21,17 +21,15 @@ from finetune.classify_metrics import scores
 from launcher import atomic
 from launcher.data.batches import evaluation_batches
 from launcher.rundir import PREEMPTED
+from launcher.sinks import read_jsonl
 
 log = logging.getLogger(__name__)
 
 
 def epoch_rows(metrics_file: Path, steps_per_epoch: int, metric: str) -> list[dict]:
     """One row per evaluation: epoch, step, train_loss and every ``eval/`` value."""
-    lines = []
-    if metrics_file.exists():
-        lines = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
     rows, losses = [], []
-    for line in lines:
+    for line in read_jsonl(metrics_file):
         if "train/loss" in line:
             losses.append(line["train/loss"])
         if metric in line:

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from launcher import atomic
+from launcher.sinks import read_jsonl
 
 HEADLINE = {  # a stage's measure when before_after has no better one
     "pretrain": "eval/bits_per_byte",
@@ -42,10 +43,7 @@ UNDRAWN = {"eval/perplexity", "eval/pairs", "eval/reward_std"}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def panels_of(stage: str, rows: list[dict]) -> list[list[str]]:

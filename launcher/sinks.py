@@ -24,6 +24,8 @@ class JsonlSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+        if _ends_mid_line(self.path):  # a line cut by a kill or a full disk stays on its own
+            self._file.write("\n")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -31,6 +33,36 @@ class JsonlSink:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    with path.open("rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The lines of a ``metrics.jsonl`` (none if there is no file). A line that is no JSON
+    object (cut by a kill or a full disk, edited) is left out with a warning naming
+    ``path:line``: a report is still written from the others."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as exc:
+            row = exc
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            print(f"[kiln] warning: {path}:{number}: not a JSON object, left out ({text[:60]!r})",
+                  file=sys.stderr)  # fmt: skip
+    return rows
 
 
 _SECRET_KEY = re.compile(r"secret|password|passwd|apikey|credential")  # searched without "_"

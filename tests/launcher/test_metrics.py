@@ -300,3 +300,27 @@ def test_two_ranks_reduce_once_per_flush_and_a_name_mismatch_fails_on_both(tmp_p
     lines = (tmp_path / "rank0" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [5, 7]
     assert (tmp_path / "rank1" / "metrics.jsonl").read_text() == ""
+
+
+def test_a_line_cut_by_a_kill_stays_alone_and_readers_leave_it_out_naming_it(tmp_path, capsys):
+    """A kill (or a full disk) in the middle of a write leaves half a line; the resumed run's
+    sink starts on a new line, and the pipeline's report and the classification curves read
+    every whole line, saying which one they left out."""
+    from launcher.report import read_metrics
+    from launcher.sinks import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 2.5}\n{"step": 2, "train/lo')
+    sink = JsonlSink(path)  # the resumed run
+    sink.write(3, {"train/loss": 2.25})
+    sink.close()
+    assert path.read_text().splitlines()[1:] == [
+        '{"step": 2, "train/lo',
+        '{"step": 3, "train/loss": 2.25}',
+    ]
+    assert [r["step"] for r in read_jsonl(path)] == [1, 3]
+    assert f"{path}:2: not a JSON object, left out" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 3]
+    assert read_jsonl(tmp_path / "none.jsonl") == []
+    JsonlSink(path).close()  # a file ending with a newline gets none more
+    assert path.read_text().endswith("2.25}\n") and "\n\n" not in path.read_text()
