@@ -48,7 +48,7 @@ def clear_stale_lock(folder: Path, *, quiet_seconds: float = QUIET_SECONDS) -> b
     quiet = time.time() - _last_change(folder)
     if holders or quiet < quiet_seconds:
         why = f"held by pid {', '.join(map(str, holders))}" if holders else "a build may be running"
-        log.info(
+        log.warning(  # every machine's first process says it, not only rank 0
             "%s exists (%s, created %.0f s ago): the build of %s waits until it is removed",
             lock,
             why,

@@ -109,6 +109,7 @@ class Metrics:
         self._reduce: dict[str, str] = {}
         self._device: torch.device | None = None  # of the first tensor recorded
         self._previous: list[Metrics | None] = []
+        self._restored: set[str] = set()  # names whose values came from a checkpoint
 
     def activate(self) -> Metrics:
         global _current
@@ -131,6 +132,8 @@ class Metrics:
         """See the module-level ``record``."""
         if reduce not in REDUCES:
             raise ValueError(f"metric {name!r}: reduce must be one of {REDUCES}, got {reduce!r}")
+        if name in self._restored and self._reduce[name] != reduce:
+            self._drop_restored(name, self._reduce[name], reduce)
         if self._reduce.setdefault(name, reduce) != reduce:
             raise ValueError(
                 f"metric {name!r} recorded with reduce={reduce!r} after {self._reduce[name]!r}"
@@ -171,14 +174,9 @@ class Metrics:
         for name, entry in saved.items():
             reduce = entry["reduce"]
             if self._reduce.setdefault(name, reduce) != reduce:
-                log.warning(
-                    "metric %r: the checkpoint recorded it with reduce=%r, this run with %r: "
-                    "its values from before the resume are left out",
-                    name,
-                    reduce,
-                    self._reduce[name],
-                )
+                self._drop_restored(name, reduce, self._reduce[name])
                 continue
+            self._restored.add(name)
             values = [
                 torch.tensor(v, dtype=torch.float64) if was_tensor else v
                 for v, was_tensor in entry["values"]
@@ -187,6 +185,21 @@ class Metrics:
                 self._values[name] = self._values.get(name) or values[-1:]
             else:
                 self._values[name] = values + self._values.get(name, [])
+
+    def _drop_restored(self, name: str, saved: str, now: str) -> None:
+        """A metric whose reduce changed between the checkpoint and this run (a new version):
+        its restored values are left out, with a warning; a resume never fails over it."""
+        log.warning(
+            "metric %r: the checkpoint recorded it with reduce=%r, this run with %r: its values "
+            "from before the resume are left out",
+            name,
+            saved,
+            now,
+        )
+        self._restored.discard(name)
+        if self._reduce.get(name) == saved:
+            self._values.pop(name, None)
+            self._reduce.pop(name, None)
 
     def _local(self, name: str) -> torch.Tensor:
         """This rank's aggregate of ``name`` as a 0-dim float64 tensor on ``self._device``."""
@@ -256,6 +269,7 @@ class Metrics:
         finally:
             self._values.clear()
             self._reduce.clear()
+            self._restored.clear()
             self._device = None
         out: dict[str, float] = {"step": step}
         out.update(sorted(zip(ordered, values, strict=True)))

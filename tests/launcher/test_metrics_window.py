@@ -52,13 +52,19 @@ def test_a_name_restored_with_another_reduce_keeps_its_new_values_and_says_so(ca
     _recording(m, range(2))
     saved = m.state_dict()
     other = _metrics()
+    other.restore(saved)  # as the loop does: right after the Metrics is made
     other.activate()
-    record("peak", 5.0, reduce="mean")
+    record("peak", 5.0, reduce="mean")  # a new version changed it: no error, a warning
     other.deactivate()
-    other.restore(saved)  # a resume does not fail over a metric
     assert "'peak': the checkpoint recorded it with reduce='max'" in caplog.text
     got = other.flush(2)
     assert got["peak"] == 5.0 and got["tokens"] == 1.0 and got["score"] == (1 / 3 + 1 / 4) / 2
+    before = _metrics()
+    before.activate()
+    record("peak", 7.0, reduce="min")  # recorded before the restore: the same rule
+    before.deactivate()
+    before.restore(saved)
+    assert before.flush(2)["peak"] == 7.0
 
 
 def _lines(cfg) -> dict[int, dict]:
