@@ -28,8 +28,7 @@ class Evaluate(Callback):
             trainer.log_now()
 
     def on_step_end(self, trainer: Trainer) -> None:
-        every = trainer.steps_per_epoch if self.every == "epoch" else self.every
-        if every and trainer.state.step % every == 0:
+        if self._due(trainer, trainer.state.step):
             self._evaluate(trainer)
 
     def on_fit_end(self, trainer: Trainer) -> None:
@@ -37,8 +36,11 @@ class Evaluate(Callback):
             self._evaluate(trainer)
 
     def writes_line_at(self, trainer: Trainer, step: int) -> bool:
+        return self._due(trainer, step) or step >= trainer.horizon
+
+    def _due(self, trainer: Trainer, step: int) -> bool:
         every = trainer.steps_per_epoch if self.every == "epoch" else self.every
-        return bool(every and step % every == 0) or step >= trainer.horizon
+        return bool(every and step % every == 0)
 
     def _evaluate(self, trainer: Trainer) -> None:
         results = trainer.evaluate()
